@@ -1,0 +1,34 @@
+"""stagger_sqlite: durable, multi-process message queues, each one SQLite file.
+
+Layers, each using only those below it:
+cli -> workers, http -> groups, consume -> queue -> storage -> schema, lock,
+codec, wakeup. Every module may import errors.
+"""
+
+from .consume import Consumer
+from .errors import (
+    AckOutOfRangeError,
+    DecodeError,
+    EncodeError,
+    LockTimeoutError,
+    NotAQueueError,
+    QueueClosedError,
+    StaggerError,
+    StorageFullError,
+)
+from .queue import StaggerQueue
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StaggerQueue",
+    "Consumer",
+    "StaggerError",
+    "QueueClosedError",
+    "LockTimeoutError",
+    "EncodeError",
+    "DecodeError",
+    "AckOutOfRangeError",
+    "NotAQueueError",
+    "StorageFullError",
+]

@@ -1,0 +1,113 @@
+"""Consumer: read a queue after an ack point (Stagger semantics).
+
+The caller owns its ack point: the consumer yields ``(seq, msg)`` for every
+stored message with ``seq > ack`` and remembers nothing in the file. Rows are
+read ``batch`` at a time in a transaction that ends before the first of them
+is handed out, so a consumer holding a message never keeps the WAL from being
+checkpointed or a writer from committing.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import TYPE_CHECKING, Any, Deque, Iterator, Optional, Tuple, Union
+
+from .errors import AckOutOfRangeError
+from .validate import check_int, check_wait
+from .wakeup import Waiter
+
+if TYPE_CHECKING:  # consume is handed its queue; no import cycle at run time
+    from .queue import StaggerQueue
+
+
+class Consumer:
+    """Iterator of ``(seq, msg)`` after an ack point; also a context manager.
+
+    Built by :meth:`StaggerQueue.consume`. One consumer belongs to one thread.
+    It ends (StopIteration) when caught up with ``wait=False``, after ``wait``
+    idle seconds, when closed, or when its queue is closed (quietly, even from
+    another thread while it waits).
+
+    ``position`` is the seqno of the last message handed out (initially
+    ``ack``): store it as your ack point.
+    """
+
+    def __init__(
+        self,
+        queue: "StaggerQueue",
+        *,
+        ack: int,
+        batch: int,
+        purge: Optional[int],
+        wait: Union[bool, float],
+    ) -> None:
+        check_int("ack", ack)
+        check_int("batch", batch, 1)
+        if purge is not None:
+            check_int("purge", purge)
+        self._wait = check_wait(wait)
+        self._queue = queue
+        self._batch = batch
+        self.position = ack
+        self._rows: Deque[Tuple[int, bytes]] = collections.deque()
+        self._closed = False
+        last = queue.last_seq  # also refuses a closed queue
+        if ack > last:
+            raise AckOutOfRangeError(
+                f"ack={ack} is beyond the last seqno ever written to {queue.path} ({last}): "
+                "that message was never written"
+            )
+        if purge is not None:
+            queue.purge(min(purge, ack))
+        self._waiter = Waiter(queue._storage)
+
+    def __iter__(self) -> Iterator[Tuple[int, Any]]:
+        return self
+
+    def __next__(self) -> Tuple[int, Any]:
+        """The next ``(seq, msg)``.
+
+        Raises:
+            DecodeError: the message cannot be decoded (it names the seqno;
+                the consumer has moved past it).
+            StopIteration: see the class docstring.
+        """
+        deadline: Optional[float] = None
+        while True:
+            if self._closed or self._queue.closed:
+                raise StopIteration
+            if self._rows:
+                seq, body = self._rows.popleft()
+                self.position = seq
+                return seq, self._queue.decode(body, seq)
+            rows = self._queue.read_page(self.position, self._batch)
+            if rows:
+                self._rows.extend(rows)
+                self._waiter.reset()
+                continue
+            if self._wait is False:
+                raise StopIteration
+            if self._wait is True:
+                remaining = None
+            else:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self._wait
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise StopIteration
+            if not self._waiter.wait(remaining):
+                raise StopIteration
+
+    def close(self) -> None:
+        """Stop the consumer; later ``next()`` calls raise StopIteration. Idempotent."""
+        self._closed = True
+        self._rows.clear()
+        self._waiter.close()
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

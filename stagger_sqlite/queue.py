@@ -1,0 +1,236 @@
+"""StaggerQueue: the public face of one queue file.
+
+Seqnos, writes, purge and the figures; consuming is built by ``consume.py``
+(handed this queue, so neither module imports the other at run time).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import apsw
+
+from . import codec as codecs
+from . import schema
+from .consume import Consumer
+from .errors import QueueClosedError
+from .storage import Storage
+from .validate import check_int, check_seconds
+
+DURABILITIES = ("full", "normal")
+
+SQL_INSERT = "INSERT INTO messages (body) VALUES (?)"
+SQL_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+SQL_COUNT = "SELECT count(*) FROM messages"
+SQL_PAGE = "SELECT seq, body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
+SQL_PURGE = "DELETE FROM messages WHERE seq <= ?"
+
+#: Hand free pages back to the OS once they are this share of the file (and
+#: at least RECLAIM_MIN_PAGES): under a steady write+purge load the free pages
+#: are reused by new writes, so vacuuming each purge would only churn.
+RECLAIM_SHARE = 0.25
+RECLAIM_MIN_PAGES = 256
+
+
+def last_seq(conn: apsw.Connection) -> int:
+    row = conn.execute(SQL_LAST_SEQ).fetchall()
+    return row[0][0] if row else 0
+
+
+def append(conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
+    """Insert encoded messages; their seqnos are consecutive because the
+    caller holds the writer lock for the whole transaction."""
+    conn.executemany(SQL_INSERT, [(b,) for b in bodies])
+    last = conn.last_insert_rowid()
+    return list(range(last - len(bodies) + 1, last + 1))
+
+
+def reclaim(conn: apsw.Connection) -> None:
+    """Give free pages back to the OS a slice at a time (INCREMENTAL vacuum)."""
+    free = conn.execute("PRAGMA freelist_count").fetchall()[0][0]
+    if free >= RECLAIM_MIN_PAGES:
+        pages = conn.execute("PRAGMA page_count").fetchall()[0][0]
+        if free >= pages * RECLAIM_SHARE:
+            conn.execute(f"PRAGMA incremental_vacuum({free})").fetchall()
+
+
+class StaggerQueue:
+    """A durable, multi-process message queue in one SQLite file.
+
+    Args:
+        path: the queue file; created (with ``mode``) if missing.
+        codec: ``"cbor"`` (default), ``"json"``, ``"raw"`` or an object with
+            ``dumps(obj) -> bytes`` and ``loads(bytes) -> obj``.
+        durability: ``"full"``: a write that returned survives power loss.
+            ``"normal"``: it survives any process crash; the last commits may
+            be lost on power loss or OS crash.
+        timeout: seconds a write may wait for the writer lock (None: forever).
+        mode: permission bits of a file it creates, and of its lock file.
+
+    Raises:
+        ValueError: a bad ``codec``, ``durability``, ``timeout`` or ``mode``.
+        NotAQueueError: the path is a directory, not SQLite, a SQLite file of
+            another schema, or of a newer format version (left untouched).
+        FileNotFoundError: the directory does not exist.
+        PermissionError: the file or directory cannot be opened.
+
+    One object may be shared by threads; it keeps working in a child after
+    ``os.fork()`` (the child opens its own connection).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        codec: codecs.CodecArg = "cbor",
+        durability: str = "full",
+        timeout: Optional[float] = 30.0,
+        mode: int = 0o600,
+    ) -> None:
+        if durability not in DURABILITIES:
+            raise ValueError(f"`durability` must be 'full' or 'normal', not {durability!r}")
+        timeout = check_seconds("timeout", timeout)
+        check_int("mode", mode)
+        self._codec = codecs.resolve(codec)
+        self.path = os.fspath(path)
+        if not isinstance(self.path, str):
+            raise ValueError(f"`path` must be a str or os.PathLike of str, not {path!r}")
+        self.durability = durability
+        self._storage = Storage(self.path, durability=durability, timeout=timeout, mode=mode)
+
+    # -- writing ---------------------------------------------------------
+
+    def write(self, msg: Any) -> int:
+        """Append one message and return its seqno.
+
+        Raises:
+            EncodeError: the codec cannot encode ``msg``; nothing was written.
+            LockTimeoutError: the writer lock stayed taken for ``timeout``.
+            StorageFullError: the disk is full; nothing was written.
+            QueueClosedError: the queue was closed.
+        """
+        body = codecs.encode(self._codec, msg)
+        return self._storage.write(lambda conn: append(conn, [body]))[0]
+
+    def write_many(self, msgs: Iterable[Any]) -> List[int]:
+        """Append all messages in one transaction, all or none.
+
+        Returns their seqnos, consecutive. Raises as ``write``; an
+        ``EncodeError`` for any message writes none of them.
+        """
+        bodies = [codecs.encode(self._codec, m) for m in msgs]
+        if not bodies:
+            self._storage.read(lambda conn: None)  # still refuse a closed queue
+            return []
+        return self._storage.write(lambda conn: append(conn, bodies))
+
+    # -- figures ---------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seqno ever assigned, by any process (0 for a new queue)."""
+        return self._storage.read(last_seq)
+
+    def __len__(self) -> int:
+        """Messages currently stored (written and not purged)."""
+        return self._storage.read(lambda conn: conn.execute(SQL_COUNT).fetchall()[0][0])
+
+    def stats(self) -> Dict[str, Any]:
+        """Figures of the queue: ``last_seq``, ``stored``, ``bytes`` (file plus
+        WAL on disk) and ``groups`` (name -> figures)."""
+
+        def figures(conn: apsw.Connection) -> Dict[str, Any]:
+            return {
+                "path": self.path,
+                "last_seq": last_seq(conn),
+                "stored": conn.execute(SQL_COUNT).fetchall()[0][0],
+                "scheduled": conn.execute("SELECT count(*) FROM scheduled").fetchall()[0][0],
+                "groups": {},
+            }
+
+        result = self._storage.read(figures, snapshot=True)
+        result["bytes"] = schema.file_bytes(self.path)
+        return result
+
+    # -- consuming -------------------------------------------------------
+
+    def consume(
+        self,
+        ack: int = 0,
+        *,
+        batch: int = 50,
+        purge: Optional[int] = None,
+        wait: Union[bool, float] = True,
+    ) -> Consumer:
+        """Iterate ``(seq, msg)`` for every stored message with ``seq > ack``.
+
+        Args:
+            ack: the last seqno the caller has finished; delivery starts after it.
+            batch: rows read per round trip (no read transaction stays open
+                while the caller holds a message).
+            purge: before the first message, remove messages with
+                ``seq <= min(purge, ack)``.
+            wait: ``True``: when caught up, wait for new writes; ``False``:
+                stop when caught up; a number: stop after that many seconds
+                without a new message.
+
+        Raises:
+            ValueError: a negative or non-integer ``ack``/``purge``, ``batch`` < 1,
+                a bad ``wait``.
+            AckOutOfRangeError: ``ack`` is beyond ``last_seq``.
+            QueueClosedError: the queue was closed.
+        """
+        return Consumer(self, ack=ack, batch=batch, purge=purge, wait=wait)
+
+    def read_page(self, after: int, limit: int) -> List[tuple]:
+        """Stored ``(seq, body)`` rows with ``seq > after``, ascending, at most
+        ``limit``; the read transaction ends before this returns."""
+        return self._storage.read(lambda conn: conn.execute(SQL_PAGE, (after, limit)).fetchall())
+
+    def decode(self, body: bytes, seq: int) -> Any:
+        return codecs.decode(self._codec, body, seq, self.path)
+
+    # -- purging ---------------------------------------------------------
+
+    def purge(self, upto: Optional[int] = None) -> int:
+        """Remove stored messages with ``seq <= upto`` (None: all) and return
+        how many were removed. Free pages go back to the OS incrementally.
+
+        Raises:
+            ValueError: ``upto`` is negative or not an integer.
+        """
+        if upto is not None:
+            check_int("upto", upto)
+
+        def remove(conn: apsw.Connection) -> int:
+            bound = last_seq(conn) if upto is None else upto
+            conn.execute(SQL_PURGE, (bound,))
+            removed = conn.changes()
+            if removed:
+                reclaim(conn)
+            return removed
+
+        return self._storage.write(remove, notify=False)
+
+    # -- lifetime --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._storage.closed
+
+    def close(self) -> None:
+        """Close the queue. Idempotent; consumers waiting on it end quietly."""
+        self._storage.close()
+
+    def __enter__(self) -> "StaggerQueue":
+        if self.closed:
+            raise QueueClosedError(f"queue {self.path} is closed")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.durability
+        return f"<StaggerQueue {self.path!r} {state}>"

@@ -1,0 +1,176 @@
+"""The queue file's format: identity, DDL, format version, per-connection pragmas.
+
+A queue file is a SQLite database in WAL mode whose header carries our
+``application_id`` and whose ``user_version`` is the format version. Both live
+in the 100-byte header, so a file can be recognised (or refused) by reading
+those bytes, before SQLite is ever pointed at it: opening never alters a file
+that is not a queue.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Dict, List
+
+import apsw
+
+from .errors import NotAQueueError
+
+#: ``PRAGMA application_id`` of every queue file: b"STGQ".
+APPLICATION_ID = 0x53544751
+
+#: The format this release writes. A file with a higher version is refused;
+#: a lower one is migrated (under the writer lock) by the steps below.
+FORMAT_VERSION = 1
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Format 1. Nothing is released yet, so this list may still grow in place;
+# after the first release, changes go into MIGRATIONS[2], [3] ...
+DDL_V1: List[str] = [
+    # AUTOINCREMENT, not a plain INTEGER PRIMARY KEY: by default SQLite may
+    # reuse the highest rowid once it is deleted, so purging everything would
+    # hand out seqnos again and a consumer resuming from its ack point would
+    # silently skip the new messages. With AUTOINCREMENT the high-water mark
+    # lives in sqlite_sequence and survives any purge and any reopen.
+    """CREATE TABLE messages (
+        seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+        body BLOB NOT NULL
+    )""",
+    # Delayed messages: not yet messages. They get a seqno when promoted.
+    """CREATE TABLE scheduled (
+        id   INTEGER PRIMARY KEY AUTOINCREMENT,
+        due  REAL NOT NULL,
+        body BLOB NOT NULL
+    )""",
+    "CREATE INDEX scheduled_due ON scheduled (due, id)",
+    # Small named settings shared by every process (pause flags, rate limits).
+    """CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value
+    ) WITHOUT ROWID""",
+]
+
+#: Steps from version n-1 to n, run in one write transaction each.
+MIGRATIONS: Dict[int, List[str]] = {}
+
+#: Tables a file must have to be taken for a queue.
+REQUIRED_TABLES = frozenset({"messages", "scheduled", "settings"})
+
+
+def read_header(path: str) -> bytes:
+    """The first 100 bytes of ``path`` (fewer if the file is shorter)."""
+    with open(path, "rb") as f:
+        return f.read(100)
+
+
+def check_header(path: str, header: bytes) -> None:
+    """Refuse a non-empty file that is not a queue of a format we know.
+
+    Raises:
+        NotAQueueError: not SQLite, a SQLite file of another application, or a
+            newer format version.
+    """
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise NotAQueueError(f"{path} is not a SQLite file, so not a stagger_sqlite queue")
+    user_version, application_id = struct.unpack(">I4xI", header[60:72])
+    if application_id != APPLICATION_ID:
+        raise NotAQueueError(
+            f"{path} is a SQLite database of another application (application_id={application_id:#x}), "
+            "not a stagger_sqlite queue"
+        )
+    check_version(path, user_version)
+
+
+def check_version(path: str, version: int) -> None:
+    """Raises NotAQueueError when ``version`` is newer than this release knows."""
+    if version > FORMAT_VERSION:
+        raise NotAQueueError(
+            f"{path} has queue format version {version}; this release of stagger_sqlite "
+            f"reads versions up to {FORMAT_VERSION}: upgrade stagger_sqlite"
+        )
+
+
+def build(conn: apsw.Connection) -> None:
+    """Create the schema in an empty database (``conn`` is not yet in WAL mode).
+
+    ``auto_vacuum`` must be chosen before the first table exists: INCREMENTAL
+    lets purge hand free pages back to the OS a slice at a time, with no
+    blocking full VACUUM.
+    """
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    with conn:
+        for stmt in DDL_V1:
+            conn.execute(stmt)
+        for version in range(2, FORMAT_VERSION + 1):
+            for stmt in MIGRATIONS[version]:
+                conn.execute(stmt)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+    conn.execute("PRAGMA journal_mode = WAL")
+
+
+def version_of(conn: apsw.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchall()[0][0]
+
+
+def check_tables(conn: apsw.Connection, path: str) -> None:
+    """Raises NotAQueueError when the file lacks the queue tables."""
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+    missing = REQUIRED_TABLES - names
+    if missing:
+        raise NotAQueueError(f"{path} carries the queue identity but lacks tables {sorted(missing)}: not a queue")
+
+
+def migrate(conn: apsw.Connection, from_version: int) -> None:
+    """Bring a file up to FORMAT_VERSION. The caller holds the writer lock."""
+    for version in range(from_version + 1, FORMAT_VERSION + 1):
+        with conn:
+            for stmt in MIGRATIONS[version]:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {version}")
+
+
+# -- per-connection settings, one function each (after apsw.bestpractice) --
+
+#: WAL bytes kept on disk after a checkpoint resets it. Without a limit the
+#: WAL file keeps the size of its largest burst forever.
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+
+def connection_durability(conn: apsw.Connection, durability: str) -> None:
+    """``full``: the WAL is fsynced at every commit (survives power loss).
+    ``normal``: fsync only at checkpoints (survives any process crash; the last
+    commits may be lost on power loss or OS crash)."""
+    conn.execute("PRAGMA synchronous = FULL" if durability == "full" else "PRAGMA synchronous = NORMAL")
+
+
+def connection_wal_limits(conn: apsw.Connection) -> None:
+    """Bound the WAL: checkpoint every ~1000 pages, truncate back to the limit."""
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    conn.execute("PRAGMA wal_autocheckpoint = 1000")
+
+
+def connection_no_checkpoint_on_close(conn: apsw.Connection) -> None:
+    """Closing a connection (at fork, at close) must be cheap and must not race
+    other processes for the WAL: leave checkpoints to the running writers."""
+    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+
+
+def connection_busy_timeout(conn: apsw.Connection, ms: int) -> None:
+    """SQLite's own wait, only a fallback: our writers queue on the writer lock
+    first, so SQLite's sleeping busy handler matters only against programs that
+    write the file without it."""
+    conn.set_busy_timeout(ms)
+
+
+def file_bytes(path: str) -> int:
+    """Bytes on disk of the queue file plus its WAL."""
+    total = 0
+    for p in (path, path + "-wal"):
+        try:
+            total += os.stat(p).st_size
+        except FileNotFoundError:
+            pass
+    return total

@@ -1,0 +1,338 @@
+"""Storage: the SQLite connection of one queue file, its transactions, and the
+one place where SQLite's errors become ours.
+
+A ``Storage`` owns:
+
+- the file's creation (atomic: a queue file either does not exist or is
+  complete) and the checks that refuse what is not a queue;
+- one apsw connection, shared by the threads of the process under a mutex,
+  re-made after ``fork`` (a child never touches its parent's connection);
+- the writer lock (``lock.WriterLock``) taken around every write transaction;
+- ``read()``/``write()``: run a function in a short transaction and map errors.
+
+It knows bytes and SQL only; codecs and seqno semantics live above it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import time
+import weakref
+from typing import Callable, Iterator, List, Optional, TypeVar
+
+import apsw
+
+from . import schema
+from .errors import LockTimeoutError, NotAQueueError, QueueClosedError, StaggerError, StorageFullError
+from .lock import WriterLock
+
+T = TypeVar("T")
+
+#: Milliseconds SQLite's own busy handler may wait when no timeout was given.
+FOREVER_MS = 2**31 - 1
+
+
+@contextlib.contextmanager
+def sqlite_errors(path: str) -> Iterator[None]:
+    """Map apsw's exceptions to ours. The only place that does.
+
+    BusyError never escapes as such: "database is locked" becomes
+    ``LockTimeoutError`` (our writers queue on the writer lock first, so SQLite
+    reports busy only when something outside stagger_sqlite held the file for
+    the whole timeout).
+    """
+    try:
+        yield
+    except apsw.FullError as e:
+        raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
+    except (apsw.BusyError, apsw.LockedError) as e:
+        raise LockTimeoutError(f"{path} stayed locked by another connection for the whole timeout ({e}); nothing was written") from None
+    except apsw.ReadOnlyError as e:
+        raise PermissionError(errno.EACCES, f"{path} is read-only here ({e}): writes are refused, reads still work", path) from None
+    except apsw.NotADBError as e:
+        raise NotAQueueError(f"{path} is not a SQLite file, so not a stagger_sqlite queue ({e})") from None
+    except apsw.CorruptError as e:
+        raise StaggerError(f"{path} is damaged ({e}); `stagger-sqlite check {path}` reports what is readable") from None
+    except apsw.CantOpenError as e:
+        raise PermissionError(errno.EACCES, f"cannot open {path} or its -wal/-shm files ({e})", path) from None
+    except apsw.IOError as e:
+        if "disk is full" in str(e).lower():
+            raise StorageFullError(f"{path}: the disk is full ({e}); nothing of this write was stored") from None
+        raise StaggerError(f"{path}: I/O error ({e})") from None
+
+
+# Every live Storage, so fork handlers can make each safe for the child.
+_LIVE: "weakref.WeakSet[Storage]" = weakref.WeakSet()
+_FORKING: List["Storage"] = []
+
+
+def _before_fork() -> None:
+    # SQLite keeps per-process lock state per file; a child that inherited a
+    # live connection (even one it never uses) shares that state with its own
+    # new connection and would believe it holds locks it does not. So the
+    # parent closes its handles (cheap: no checkpoint on close) and both sides
+    # reopen lazily. Taking each mutex first waits out a transaction in flight.
+    _FORKING[:] = list(_LIVE)
+    for s in _FORKING:
+        s._mutex.acquire()
+        s._drop_handles()
+
+
+def _after_fork_parent() -> None:
+    for s in _FORKING:
+        s._mutex.release()
+    _FORKING.clear()
+
+
+def _after_fork_child() -> None:
+    for s in _FORKING:
+        # Other threads did not survive the fork; start from fresh locks.
+        s._mutex = threading.RLock()
+    _FORKING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
+
+
+class Storage:
+    """The SQLite side of one queue file. Thread-safe; fork-aware.
+
+    Raises (at construction):
+        NotAQueueError: the path is a directory, not SQLite, another schema,
+            or a newer format version. Such a file is never written to.
+        FileNotFoundError: the directory of ``path`` does not exist.
+        PermissionError: the file or its directory cannot be read or written.
+        LockTimeoutError: creating the file waited too long for the lock.
+    """
+
+    def __init__(self, path: str, *, durability: str, timeout: Optional[float], mode: int) -> None:
+        self.path = path
+        self.lock_path = path + ".lock"
+        self.durability = durability
+        self.timeout = timeout
+        self.mode = mode
+        self._mutex = threading.RLock()
+        self._conn: Optional[apsw.Connection] = None
+        self._lock: Optional[WriterLock] = None
+        self._closed = False
+        #: Set by close(); waiters watch it so close() from another thread ends them.
+        self.closed_event = threading.Event()
+        self._open_or_create()
+        _LIVE.add(self)
+
+    # -- opening ---------------------------------------------------------
+
+    def _open_or_create(self) -> None:
+        if os.path.isdir(self.path):
+            raise NotAQueueError(f"{self.path} is a directory, not a queue file")
+        try:
+            header = schema.read_header(self.path)
+        except FileNotFoundError:
+            header = b""
+        if header:
+            schema.check_header(self.path, header)
+        else:
+            self._create()
+        self._connection()  # verify schema and version now, not at first use
+
+    def _create(self) -> None:
+        """Create the queue file atomically, under the writer lock.
+
+        Built under a temporary name and renamed into place, so no process
+        ever sees a half-made queue, and two processes creating the same path
+        at once end with one queue.
+        """
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(errno.ENOENT, f"directory {parent} does not exist", self.path)
+        lock = self._writer_lock()
+        lock.acquire(self.timeout)
+        tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            try:
+                if os.path.getsize(self.path) > 0:
+                    schema.check_header(self.path, schema.read_header(self.path))
+                    return  # another process created it while we waited
+            except FileNotFoundError:
+                pass
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.mode)
+            try:
+                os.fchmod(fd, self.mode)
+            finally:
+                os.close(fd)
+            conn = apsw.Connection(tmp)
+            try:
+                with sqlite_errors(self.path):
+                    schema.build(conn)
+            finally:
+                conn.close()  # last connection: folds and removes tmp-wal
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            _fsync_dir(parent)
+        finally:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+            lock.release()
+
+    def _connection(self) -> apsw.Connection:
+        """The process's connection, opened (and checked) on first use."""
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> apsw.Connection:
+        with sqlite_errors(self.path):
+            try:
+                conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE)
+            except apsw.CantOpenError:
+                if not os.path.exists(self.path):
+                    raise FileNotFoundError(errno.ENOENT, "queue file vanished", self.path) from None
+                raise
+            try:
+                schema.connection_no_checkpoint_on_close(conn)
+                schema.connection_busy_timeout(conn, self._busy_ms(self.timeout))
+                schema.connection_durability(conn, self.durability)
+                schema.connection_wal_limits(conn)
+                version = schema.version_of(conn)
+                schema.check_version(self.path, version)
+                if version < schema.FORMAT_VERSION:
+                    self._locked(lambda: schema.migrate(conn, version))
+                schema.check_tables(conn, self.path)
+                if conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
+                    # Someone switched the file out of WAL; concurrent readers need it.
+                    self._locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall())
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _writer_lock(self) -> WriterLock:
+        # Opened on first write, so a read-only directory still allows reads.
+        if self._lock is None:
+            self._lock = WriterLock(self.lock_path, self.mode)
+        return self._lock
+
+    def _locked(self, fn: Callable[[], T]) -> T:
+        lock = self._writer_lock()
+        lock.acquire(self.timeout)
+        try:
+            return fn()
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _busy_ms(seconds: Optional[float]) -> int:
+        if seconds is None:
+            return FOREVER_MS
+        return max(1, min(FOREVER_MS, int(seconds * 1000)))
+
+    # -- transactions ----------------------------------------------------
+
+    def read(self, fn: Callable[[apsw.Connection], T], *, snapshot: bool = False) -> T:
+        """Run ``fn(conn)`` and return its result; no transaction outlives it.
+
+        With ``snapshot``, the statements of ``fn`` share one read transaction
+        (a consistent view); otherwise each statement is its own.
+
+        Raises:
+            QueueClosedError: the storage was closed.
+        """
+        with self._mutex:
+            conn = self._open_conn()
+            with sqlite_errors(self.path):
+                if not snapshot:
+                    return fn(conn)
+                conn.execute("BEGIN")
+                try:
+                    return fn(conn)
+                finally:
+                    conn.execute("COMMIT")
+
+    def write(self, fn: Callable[[apsw.Connection], T], *, notify: bool = True) -> T:
+        """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction, under the
+        writer lock; commit if it returns, roll back if it raises.
+
+        ``notify``: tell waiting consumers that something changed.
+
+        Raises:
+            QueueClosedError: the storage was closed.
+            LockTimeoutError: the writer lock (or, against programs that bypass
+                it, SQLite's write lock) stayed taken for ``timeout`` seconds.
+            StorageFullError: the disk or size limit is full.
+        """
+        with self._mutex:
+            conn = self._open_conn()
+            lock = self._writer_lock()
+            started = time.monotonic()
+            lock.acquire(self.timeout)
+            try:
+                with sqlite_errors(self.path):
+                    if self.timeout is not None:
+                        conn.set_busy_timeout(self._busy_ms(self.timeout - (time.monotonic() - started)))
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = fn(conn)
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            with contextlib.suppress(apsw.Error):
+                                conn.execute("ROLLBACK")
+                        raise
+            finally:
+                lock.release()
+            if notify:
+                lock.ring()
+        return result
+
+    def _open_conn(self) -> apsw.Connection:
+        if self._closed:
+            raise QueueClosedError(f"queue {self.path} is closed")
+        return self._connection()
+
+    # -- lifetime --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the connection and the lock file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.closed_event.set()
+        with self._mutex:
+            self._drop_handles()
+        _LIVE.discard(self)
+
+    def _drop_handles(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(apsw.Error):
+                conn.close(True)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable: fsync the directory that holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)

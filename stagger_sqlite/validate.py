@@ -1,0 +1,34 @@
+"""Argument checks at the public boundary, in the caller's words (after trio:
+the parameter's own name in the message)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+
+def check_int(name: str, value: Any, minimum: int = 0) -> int:
+    """Raises ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer, not {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, not {value}")
+    return value
+
+
+def check_seconds(name: str, value: Any, *, allow_none: bool = True) -> Optional[float]:
+    """Raises ValueError unless ``value`` is a non-negative number (or None)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be a non-negative number of seconds{extra}, not {value!r}")
+    return float(value)
+
+
+def check_wait(wait: Any) -> Union[bool, float]:
+    """``wait`` is True, False or a non-negative number of seconds."""
+    if isinstance(wait, bool):
+        return wait
+    if isinstance(wait, (int, float)) and wait == wait and wait >= 0:
+        return float(wait)
+    raise ValueError(f"`wait` must be True, False or a non-negative number of seconds, not {wait!r}")
