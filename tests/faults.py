@@ -263,3 +263,56 @@ def purged_upto(log: str) -> int:
         return 0
     with open(log) as f:
         return max([int(line.split()[1]) for line in f if line.startswith("P ") and line.endswith("\n")], default=0)
+
+
+def member(path: str, log: str, group: str, seed: int, lease: float, wait: object = True) -> None:
+    """A group member that logs ``D t seq id`` for each hand-out (``t``: the
+    time *before* asking for it, so the hand-out happened after ``t``),
+    ``A t seq`` after an explicit ack returned True (``t``: after it
+    returned), ``N seq`` after a nack. Messages it simply moves past are
+    finished implicitly."""
+    from stagger_sqlite import StaggerQueue
+
+    rnd = random.Random(seed)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with StaggerQueue(path, timeout=None) as q:
+        with q.consume(group=group, batch=rnd.choice([1, 5, 20]), lease=lease, max_attempts=10_000, wait=wait) as c:
+            it = iter(c)
+            while True:
+                t = time.time()
+                try:
+                    seq, msg = next(it)
+                except StopIteration:
+                    return
+                os.write(fd, f"D {t:.6f} {seq} {check_payload(seq, msg)}\n".encode())
+                r = rnd.random()
+                if r < 0.6:
+                    if c.ack(seq):
+                        os.write(fd, f"A {time.time():.6f} {seq}\n".encode())
+                elif r < 0.7:
+                    if c.nack(seq, delay=0):
+                        os.write(fd, f"N {seq}\n".encode())
+
+
+def read_member_logs(paths: List[str]) -> Tuple[Dict[int, List[float]], Dict[int, float], int]:
+    """(seq -> times before its hand-outs, seq -> first time an ack of it had
+    returned, nacks)."""
+    delivered: Dict[int, List[float]] = {}
+    acked: Dict[int, float] = {}
+    nacks = 0
+    for p in paths:
+        if not os.path.exists(p):
+            continue
+        with open(p) as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    continue
+                parts = line.split()
+                if parts[0] == "D":
+                    delivered.setdefault(int(parts[2]), []).append(float(parts[1]))
+                elif parts[0] == "A":
+                    seq, t = int(parts[2]), float(parts[1])
+                    acked[seq] = min(t, acked.get(seq, t))
+                elif parts[0] == "N":
+                    nacks += 1
+    return delivered, acked, nacks

@@ -29,6 +29,7 @@ from tests.faults import (
     kill9,
     purged_upto,
     read_logs,
+    read_member_logs,
     spawn,
     torture_seconds,
 )
@@ -110,3 +111,86 @@ def test_kill9_producers_reader_purger(tmp_path):
         lost=0,
     )
     assert kills > 0 and history.calls_returned > 0
+
+
+def test_kill9_group_members(tmp_path):
+    """Producers and members of one consumer group, all killed at random.
+
+    - every message is finished by the group at least once (``acked`` reaches
+      ``last_seq`` with nothing in flight or waiting, no dead letter);
+    - nothing acked comes back: no hand-out of a message starts after an
+      explicit ``ack`` of it returned True;
+    - every write that returned is stored, as in the producer torture.
+    """
+    path = str(tmp_path / "q.db")
+    StaggerQueue(path).close()
+    rnd = random.Random()
+    seed = rnd.randrange(2**32)
+    rnd.seed(seed)
+    duration = torture_seconds(8.0)
+    lease = 1.0
+    roles = [("write", 0), ("write_many", 1), ("member", 2), ("member", 3), ("member", 4)]
+    generation = {i: 0 for _, i in roles}
+    plogs, mlogs = [], []
+
+    def start(role, i):
+        gen = generation[i]
+        generation[i] += 1
+        log = str(tmp_path / f"{role}{i}g{gen}.log")
+        if role == "member":
+            mlogs.append(log)
+            return spawn("member", path, log, "g", rnd.randrange(2**32), lease)
+        plogs.append(log)
+        return spawn("producer", path, log, f"p{i}g{gen}", role, rnd.randrange(2**32), "full", 100)
+
+    procs = {i: start(role, i) for role, i in roles}
+    kills = 0
+    deadline = time.monotonic() + duration
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(rnd.uniform(0.05, 0.5))
+            role, i = rnd.choice(roles)
+            p = procs[i]
+            if p.poll() is None:
+                kill9(p)
+                kills += 1
+            else:
+                assert p.returncode == 0, f"{role} {i} failed with status {p.returncode}"
+            procs[i] = start(role, i)
+    finally:
+        for p in procs.values():
+            kill9(p)
+
+    # Drain: one more member, not killed, takes over what the dead held once
+    # their leases expire.
+    final = str(tmp_path / "final.log")
+    mlogs.append(final)
+    drain = spawn("member", path, final, "g", seed, lease, lease * 3)
+    assert drain.wait(120) == 0
+
+    history = read_logs(plogs)
+    figures = check_history(path, history)
+    delivered, acked, nacks = read_member_logs(mlogs)
+    with StaggerQueue(path) as q:
+        last = q.last_seq
+        info = q.groups()["g"]
+        assert q.dead_letters("g") == []
+    assert info.acked == last and info.in_flight == 0 and info.retrying == 0, info
+    assert sorted(delivered) == list(range(1, last + 1)), "a message was never handed out"
+    for seq, t_ack in acked.items():
+        late = [t for t in delivered[seq] if t > t_ack]
+        assert not late, f"seq {seq} was handed out again after its ack returned"
+    deliveries = sum(len(v) for v in delivered.values())
+    figure(
+        "kill -9 group members",
+        seconds=duration,
+        seed=seed,
+        kills=kills,
+        messages=last,
+        deliveries=deliveries,
+        redeliveries=deliveries - len(delivered),
+        explicit_acks=len(acked),
+        nacks=nacks,
+        writes_returned=figures["returned"],
+        lost=0,
+    )
