@@ -316,3 +316,29 @@ def read_member_logs(paths: List[str]) -> Tuple[Dict[int, List[float]], Dict[int
                 elif parts[0] == "N":
                     nacks += 1
     return delivered, acked, nacks
+
+
+def open_damaged(path: str) -> None:
+    """Open a (possibly damaged) queue, read everything, write once; print
+    one JSON line: what worked, and the first error (type, message) if any.
+    A DecodeError of one message is noted and the reading goes on."""
+    from stagger_sqlite import DecodeError, StaggerError, StaggerQueue
+
+    out: Dict[str, object] = {"read": 0, "decode_errors": 0}
+    try:
+        with StaggerQueue(path, timeout=5) as q:
+            c = q.consume(0, wait=False, batch=100)
+            while True:
+                try:
+                    next(c)
+                    out["read"] = int(out["read"]) + 1  # type: ignore[call-overload]
+                except DecodeError:
+                    out["decode_errors"] = int(out["decode_errors"]) + 1  # type: ignore[call-overload]
+                except StopIteration:
+                    break
+            q.write({"after": "damage"})
+            out["wrote"] = True
+    except StaggerError as e:
+        out["error"] = type(e).__name__
+        out["message"] = str(e)
+    print(json.dumps(out))
