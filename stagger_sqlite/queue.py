@@ -41,7 +41,10 @@ def last_seq(conn: apsw.Connection) -> int:
 def append(conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
     """Insert encoded messages; their seqnos are consecutive because the
     caller holds the writer lock for the whole transaction."""
-    conn.executemany(SQL_INSERT, [(b,) for b in bodies])
+    if len(bodies) == 1:
+        conn.execute(SQL_INSERT, (bodies[0],))  # the common case; executemany costs more
+    else:
+        conn.executemany(SQL_INSERT, [(b,) for b in bodies])
     last = conn.last_insert_rowid()
     return list(range(last - len(bodies) + 1, last + 1))
 
