@@ -54,6 +54,7 @@ class Consumer:
         self.position = ack
         self._rows: Deque[Tuple[int, bytes]] = collections.deque()
         self._closed = False
+        self._idle_deadline: Optional[float] = None
         last = queue.last_seq  # also refuses a closed queue
         if ack > last:
             raise AckOutOfRangeError(
@@ -84,7 +85,6 @@ class Consumer:
                 return seq, self._loads(body)
             except Exception:
                 return seq, self._queue.decode(body, seq)  # raises DecodeError naming seq
-        deadline: Optional[float] = None
         while True:
             if self._closed or self._queue.closed:
                 raise StopIteration
@@ -95,19 +95,29 @@ class Consumer:
             rows = self._queue.read_page(self.position, self._batch)
             if rows:
                 self._rows.extend(rows)
+                self._idle_deadline = None
                 self._waiter.reset()
+                continue
+            # Caught up. Scheduled messages that are due become messages now
+            # (no daemon does it); the wait below is cut to the next due time.
+            until_due = self._queue._until_due()
+            if until_due is not None and until_due <= 0:
+                self._queue._promote_due()
                 continue
             if self._wait is False:
                 raise StopIteration
-            if self._wait is True:
-                remaining = None
-            else:
+            remaining: Optional[float] = None
+            if self._wait is not True:
+                # Kept on the consumer, not in this frame: under asyncio this
+                # call ends (WouldWait) at every wait and is called again.
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self._wait
-                remaining = deadline - now
+                if self._idle_deadline is None:
+                    self._idle_deadline = now + self._wait
+                remaining = self._idle_deadline - now
                 if remaining <= 0:
                     raise StopIteration
+            if until_due is not None:
+                remaining = until_due if remaining is None else min(remaining, until_due)
             if not self._waiter.wait(remaining):
                 raise StopIteration
 

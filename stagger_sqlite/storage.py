@@ -28,6 +28,7 @@ import apsw
 from . import schema
 from .errors import LockTimeoutError, NotAQueueError, QueueClosedError, StaggerError, StorageFullError
 from .lock import WriterLock
+from .wakeup import CloseEvent
 
 T = TypeVar("T")
 
@@ -141,7 +142,7 @@ class Storage:
         self._lock: Optional[WriterLock] = None
         self._closed = False
         #: Set by close(); waiters watch it so close() from another thread ends them.
-        self.closed_event = threading.Event()
+        self.closed_event = CloseEvent()
         self._open_or_create()
         _LIVE.add(self)
 
