@@ -102,6 +102,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
 
 
+def _copy_error(e: BaseException) -> BaseException:
+    """A fresh exception like ``e`` (same type and message), chained to it."""
+    try:
+        copy = type(e)(*e.args)
+    except Exception:
+        return e
+    copy.__cause__ = e
+    return copy
+
+
 class _Job:
     """One caller of ``Storage.write`` waiting for its transaction."""
 
@@ -312,7 +322,7 @@ class Storage:
                 batch, self._pending = self._pending, []
         if not job.done:
             try:
-                self._commit_batch(batch)
+                self._commit_batch(batch, job)
             finally:
                 with self._group:
                     self._leading = False
@@ -321,7 +331,7 @@ class Storage:
             raise job.error
         return job.result  # type: ignore[return-value]
 
-    def _commit_batch(self, batch: List["_Job"]) -> None:
+    def _commit_batch(self, batch: List["_Job"], leader: "_Job") -> None:
         """Run ``batch`` in one transaction and settle every job in it."""
         try:
             with self._mutex:
@@ -343,7 +353,9 @@ class Storage:
         except BaseException as e:
             for j in batch:
                 if j.error is None:
-                    j.error = e
+                    # Each thread raises its own exception object (raising
+                    # one object in several threads tangles its traceback).
+                    j.error = e if j is leader else _copy_error(e)
                     j.result = None
             if not isinstance(e, Exception):
                 raise  # KeyboardInterrupt and kin: the leader's own, too
