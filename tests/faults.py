@@ -79,12 +79,15 @@ def check_payload(seq: int, msg: object) -> str:
 # -- producer processes ----------------------------------------------------
 
 
-def producer(path: str, log: str, name: str, mode: str, seed: int, durability: str = "full", limit: int = 0) -> None:
+def producer(
+    path: str, log: str, name: str, mode: str, seed: int, durability: str = "full", limit: int = 0, until: float = 0.0
+) -> None:
     """Write forever (or ``limit`` batches), logging intents and returns.
 
     ``mode``: "write" (one message per call) or "write_many" (1-20 per call).
     Log lines: ``I id id ...`` before the call; ``R id=seq id=seq ...`` after
-    it returned; ``L seconds`` the call's latency.
+    it returned; ``L seconds`` the call's latency. Stops after ``limit``
+    calls or at epoch time ``until`` when given.
     """
     from stagger_sqlite import StaggerQueue
 
@@ -93,7 +96,7 @@ def producer(path: str, log: str, name: str, mode: str, seed: int, durability: s
     q = StaggerQueue(path, timeout=None, durability=durability)
     n = 0
     batches = 0
-    while not limit or batches < limit:
+    while (not limit or batches < limit) and (not until or time.time() < until):
         k = 1 if mode == "write" else rnd.randint(1, 20)
         ids = [f"{name}.{n + i}" for i in range(k)]
         os.write(fd, ("I " + " ".join(ids) + "\n").encode())
