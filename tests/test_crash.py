@@ -30,6 +30,7 @@ from tests.faults import (
     purged_upto,
     read_logs,
     read_member_logs,
+    scaled,
     spawn,
     torture_seconds,
 )
@@ -194,3 +195,30 @@ def test_kill9_group_members(tmp_path):
         writes_returned=figures["returned"],
         lost=0,
     )
+
+
+def test_kill9_while_creating(tmp_path):
+    """Processes racing to create the same new queue, killed at random
+    moments of the creation: whatever is left opens as a queue (or is not
+    there yet, and is created), and the invariants hold."""
+    from tests.faults import payload
+
+    rnd = random.Random()
+    rounds = scaled(8, 60)
+    leftovers = 0
+    for r in range(rounds):
+        d = tmp_path / f"r{r}"
+        d.mkdir()
+        path = str(d / "q.db")
+        logs = [str(d / f"p{i}.log") for i in range(3)]
+        procs = [spawn("producer", path, logs[i], f"r{r}p{i}", "write", i, "full", 5) for i in range(3)]
+        time.sleep(rnd.uniform(0.0, 0.6))
+        for p in procs:
+            kill9(p)
+        history = read_logs(logs)
+        with StaggerQueue(path) as q:
+            history.intents.append(["after"])
+            history.returned["after"] = q.write(payload("after"))
+        check_history(path, history)
+        leftovers += len([n for n in os.listdir(d) if ".tmp-" in n])
+    figure("kill -9 during creation", rounds=rounds, stray_temporary_files=leftovers, lost=0)
