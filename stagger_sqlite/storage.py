@@ -49,8 +49,13 @@ def sqlite_errors(path: str) -> Iterator[None]:
         yield
     except apsw.FullError as e:
         raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
-    except (apsw.BusyError, apsw.LockedError) as e:
-        raise LockTimeoutError(f"{path} stayed locked by another connection for the whole timeout ({e}); nothing was written") from None
+    except (apsw.BusyError, apsw.LockedError):
+        # SQLite's own text ("database is locked") is left out on purpose: it
+        # is the message users of other queues learned to fear, and it is not
+        # what happened here (a timeout, and nothing written).
+        raise LockTimeoutError(
+            f"{path} stayed locked by another program's SQLite transaction for the whole timeout; nothing was written"
+        ) from None
     except apsw.ReadOnlyError as e:
         raise PermissionError(errno.EACCES, f"{path} is read-only here ({e}): writes are refused, reads still work", path) from None
     except apsw.NotADBError as e:
