@@ -136,7 +136,7 @@ def test_json_codec(qpath):
                 q.write(bad)
         assert q.last_seq == len(values) + 1
     with StaggerQueue(qpath, codec="raw") as raw:  # stored as UTF-8 JSON text
-        (_, body), = raw.consume(ack=6, wait=False)
+        _, body = next(raw.consume(ack=6, wait=False))
         assert json.loads(body) == {"a": {"b": [None]}}
 
 
