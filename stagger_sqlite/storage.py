@@ -210,6 +210,15 @@ class Storage:
                 if conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
                     # Someone switched the file out of WAL; concurrent readers need it.
                     self._locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall())
+            except apsw.ReadOnlyError:
+                conn.close()
+                # Reading a WAL file needs its -shm: SQLite could not create it.
+                raise PermissionError(
+                    errno.EACCES,
+                    f"cannot open {self.path}: it is read-only and SQLite may not create "
+                    f"{self.path}-wal/-shm beside it (a WAL-mode file needs them even to read)",
+                    self.path,
+                ) from None
             except BaseException:
                 conn.close()
                 raise
