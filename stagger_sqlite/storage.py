@@ -240,7 +240,7 @@ class Storage:
 
     @staticmethod
     def _busy_ms(seconds: Optional[float]) -> int:
-        if seconds is None:
+        if seconds is None or seconds * 1000 >= FOREVER_MS:  # also float("inf")
             return FOREVER_MS
         return max(1, min(FOREVER_MS, int(seconds * 1000)))
 
@@ -298,8 +298,13 @@ class Storage:
                         raise
             finally:
                 lock.release()
+                if self.timeout is not None:  # reads get the whole timeout again
+                    conn.set_busy_timeout(self._busy_ms(self.timeout))
             if notify:
-                lock.ring()
+                # The write has committed: a failed notification must not make
+                # it look failed (a write that raises wrote nothing).
+                with contextlib.suppress(OSError):
+                    lock.ring()
         return result
 
     def _open_conn(self) -> apsw.Connection:

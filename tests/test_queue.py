@@ -160,7 +160,7 @@ def test_bad_timeout_is_a_value_error(qpath, bad):
     assert not pathlib.Path(qpath).exists()
 
 
-@pytest.mark.parametrize("timeout", [None, 0, 0.5, 10])
+@pytest.mark.parametrize("timeout", [None, 0, 0.5, 10, 1e12, float("inf")])
 def test_good_timeouts(qpath, timeout):
     with StaggerQueue(qpath, timeout=timeout) as q:
         assert q.write(timeout) == 1
