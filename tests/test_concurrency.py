@@ -306,3 +306,36 @@ def test_consumer_processes_each_see_every_message_while_producers_write(qpath):
         assert p.exitcode == 0
     for got in results:
         assert got == list(range(1, 401))
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_a_writer_killed_mid_stream_loses_no_returned_write_and_frees_the_lock(qpath, durability):
+    """kill -9 of a writer: every write it saw return is stored, and the next
+    writer gets the lock at once (a flock dies with its process)."""
+    StaggerQueue(qpath).close()
+    code = (
+        "import sys\nfrom stagger_sqlite import StaggerQueue\n"
+        f"q = StaggerQueue({qpath!r}, durability={durability!r})\n"
+        "i = 0\n"
+        "while True:\n"
+        "    seqs = q.write_many([i, i + 1]) if i % 3 else [q.write(i)]\n"
+        "    print(*seqs, flush=True)\n"
+        "    i += len(seqs)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    returned = []
+    try:
+        while len(returned) < 300:
+            line = proc.stdout.readline()
+            assert line, "writer died early"
+            returned += [int(s) for s in line.split()]
+    finally:
+        proc.kill()
+        rest = proc.stdout.read()
+        proc.wait(60)
+    returned += [int(s) for s in rest.split()]
+    with StaggerQueue(qpath, timeout=10) as q:
+        stored = [s for s, _ in q.consume(wait=False)]
+        assert set(returned) <= set(stored)
+        assert stored == list(range(1, len(stored) + 1))
+        assert q.write("after") == len(stored) + 1

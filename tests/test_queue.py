@@ -216,13 +216,17 @@ def test_two_objects_on_one_file_in_one_process(qpath):
         assert len(b) == 2
 
 
-def test_failed_write_leaves_no_transaction_open(qpath):
-    """A write that raised wrote nothing and the queue keeps working."""
+class Boom(Exception):
+    pass
 
-    class Boom(Exception):
-        pass
 
-    with StaggerQueue(qpath) as q:
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+def test_failed_write_leaves_no_transaction_open(qpath, error):
+    """A write that raised wrote nothing, released the writer lock, and the
+    queue keeps working."""
+    Boom = error
+
+    with StaggerQueue(qpath) as q, StaggerQueue(qpath, timeout=1) as other:
         q.write(1)
 
         def fail(conn):
@@ -233,6 +237,8 @@ def test_failed_write_leaves_no_transaction_open(qpath):
             q._storage.write(fail)
         assert not q._storage._connection().in_transaction
         assert len(q) == 1
+        assert other.write_many([]) == []
+        other.purge(0)  # takes the writer lock: it was released
         assert q.write(2) == 2  # the rolled-back row took no seqno
         assert [m for _, m in q.consume(wait=False)] == [1, 2]
 
@@ -258,3 +264,19 @@ def test_threads_can_close_while_another_writes(qpath):
     with StaggerQueue(qpath) as q2:
         assert q2.last_seq == len(written)
         assert [s for s, _ in q2.consume(wait=False)] == written
+
+
+def test_a_full_disk_is_storage_full_error_and_writes_nothing(qpath):
+    """SQLite's page limit stands in for a full disk: the write raises
+    StorageFullError, stores nothing, and writes work again once there is room."""
+    with StaggerQueue(qpath, codec="raw") as q:
+        q.write(b"kept")
+        pages = q._storage.read(lambda c: c.execute("PRAGMA page_count").fetchall()[0][0])
+        q._storage.read(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 2}").fetchall())
+        with pytest.raises(StorageFullError, match=qpath):
+            q.write_many([b"x" * 100_000] * 3)
+        assert q.last_seq == 1 and len(q) == 1
+        assert q._storage._connection().in_transaction is False
+        q._storage.read(lambda c: c.execute("PRAGMA max_page_count = 1000000").fetchall())
+        assert q.write(b"later") == 2
+        assert [m for _, m in q.consume(wait=False)] == [b"kept", b"later"]
