@@ -189,10 +189,11 @@ def test_mode_of_an_existing_file_is_left_alone(qpath):
     assert stat.S_IMODE(os.stat(qpath).st_mode) == 0o644
 
 
-@pytest.mark.parametrize("bad", [-1, "0o600", 1.5, None])
+@pytest.mark.parametrize("bad", [-1, "0o600", 1.5, None, 0o100600])
 def test_bad_mode_is_a_value_error(qpath, bad):
     with pytest.raises(ValueError, match="mode"):
         StaggerQueue(qpath, mode=bad)
+    assert os.listdir(os.path.dirname(qpath)) == []
 
 
 def test_two_opens_creating_the_same_file_at_once_end_with_one_queue(tmp_path):
