@@ -275,7 +275,7 @@ def test_a_consumer_holding_a_message_does_not_stop_a_checkpoint(qpath):
             q.write_many([b"y" * 4000] * 10)
         assert os.path.getsize(qpath + "-wal") > 0
         held_since = time.monotonic()
-        time.sleep(1.0)  # the caller works on its message
+        time.sleep(2.0)  # the caller works on its message
         other = apsw.Connection(qpath)
         try:
             other.set_busy_timeout(5000)
