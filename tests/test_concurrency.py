@@ -11,7 +11,6 @@ import time
 import pytest
 
 from stagger_sqlite import LockTimeoutError, StaggerQueue
-from tests.helpers import wait_for
 
 PER_PRODUCER = 300
 

@@ -8,9 +8,10 @@ import time
 
 import apsw
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stagger_sqlite import AckOutOfRangeError, Consumer, DecodeError, QueueClosedError, StaggerQueue
-from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -289,3 +290,50 @@ def test_a_consumer_holding_a_message_does_not_stop_a_checkpoint(qpath):
         # the consumer goes on where it was, across the batch boundary
         rest = [s for s, _ in c]
         assert rest == list(range(2, 301))
+
+
+# -- a model check: random writes, purges and consumes against a plain list --
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 12)),
+        st.tuples(st.just("purge"), st.integers(0, 60)),
+        st.tuples(st.just("consume"), st.integers(0, 60), st.integers(1, 20), st.one_of(st.none(), st.integers(0, 60))),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_consume_matches_a_model(tmp_path_factory, ops):
+    path = str(tmp_path_factory.mktemp("model") / "q.db")
+    stored = {}  # seq -> msg
+    last = 0
+    with StaggerQueue(path, durability="normal") as q:
+        for op in ops:
+            if op[0] == "write":
+                msgs = [f"m{last + i + 1}" for i in range(op[1])]
+                seqs = q.write_many(msgs)
+                assert seqs == list(range(last + 1, last + 1 + op[1]))
+                stored.update(zip(seqs, msgs))
+                last += op[1]
+            elif op[0] == "purge":
+                removed = q.purge(op[1])
+                gone = [s for s in stored if s <= op[1]]
+                assert removed == len(gone)
+                for s in gone:
+                    del stored[s]
+            else:
+                _, ack, batch, purge = op
+                if ack > last:
+                    with pytest.raises(AckOutOfRangeError):
+                        q.consume(ack=ack, batch=batch, purge=purge, wait=False)
+                    continue
+                got = list(q.consume(ack=ack, batch=batch, purge=purge, wait=False))
+                if purge is not None:
+                    for s in [s for s in stored if s <= min(purge, ack)]:
+                        del stored[s]
+                assert got == sorted((s, m) for s, m in stored.items() if s > ack)
+            assert q.last_seq == last
+            assert len(q) == len(stored)
