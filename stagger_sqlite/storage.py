@@ -49,7 +49,10 @@ def sqlite_errors(path: str) -> Iterator[None]:
     except apsw.FullError as e:
         raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
     except (apsw.BusyError, apsw.LockedError) as e:
-        raise LockTimeoutError(f"{path} stayed locked by another connection for the whole timeout ({e}); nothing was written") from None
+        # Not SQLite's own words: "database is locked" is what users must never see.
+        raise LockTimeoutError(
+            f"{path} was held by a writer outside stagger_sqlite's writer lock for the whole timeout; nothing was written"
+        ) from None
     except apsw.ReadOnlyError as e:
         raise PermissionError(errno.EACCES, f"{path} is read-only here ({e}): writes are refused, reads still work", path) from None
     except apsw.NotADBError as e:

@@ -338,3 +338,26 @@ def test_a_writer_killed_mid_stream_loses_no_returned_write_and_frees_the_lock(q
         assert set(returned) <= set(stored)
         assert stored == list(range(1, len(stored) + 1))
         assert q.write("after") == len(stored) + 1
+
+
+def test_a_foreign_sqlite_writer_is_a_lock_timeout_not_database_is_locked(qpath):
+    """A program writing the file without our lock (plain SQLite) delays our
+    writes; past the timeout they raise LockTimeoutError, never SQLite's
+    "database is locked", and reads go on meanwhile."""
+    import apsw
+
+    with StaggerQueue(qpath, timeout=0.3) as q:
+        q.write(1)
+        other = apsw.Connection(qpath)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            for attempt in (lambda: q.write(2), lambda: q.write_many([2, 3]), lambda: q.purge()):
+                with pytest.raises(LockTimeoutError) as e:
+                    attempt()
+                assert "database is locked" not in str(e.value)
+                assert qpath in str(e.value)
+            assert len(q) == 1 and [m for _, m in q.consume(wait=False)] == [1]
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert q.write(2) == 2
