@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import threading
 import time
 import weakref
@@ -188,6 +189,7 @@ class Storage:
         lock.acquire(self.timeout)
         tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
+            _remove_stale_temporaries(self.path)
             try:
                 if os.path.getsize(self.path) > 0:
                     schema.check_header(self.path, schema.read_header(self.path))
@@ -444,6 +446,23 @@ class Storage:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.close()
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete what creators killed mid-creation left: ``<path>.tmp-<pid>-<thread>``
+    and its -wal/-shm/-journal. Called under the writer lock, which every
+    creator holds for as long as its temporary exists: any found now is stale.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    stale = re.compile(re.escape(base) + r"\.tmp-\d+-\d+(-wal|-shm|-journal)?")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if stale.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 def _fsync_dir(path: str) -> None:
