@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import threading
 import time
 import weakref
@@ -163,8 +164,7 @@ class Storage:
     # -- opening ---------------------------------------------------------
 
     def _open_or_create(self) -> None:
-        if os.path.isdir(self.path):
-            raise NotAQueueError(f"{self.path} is a directory, not a queue file")
+        _check_regular(self.path)
         try:
             header = schema.read_header(self.path)
         except FileNotFoundError:
@@ -190,6 +190,7 @@ class Storage:
         tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             _remove_stale_temporaries(self.path)
+            _check_regular(self.path)
             try:
                 if os.path.getsize(self.path) > 0:
                     schema.check_header(self.path, schema.read_header(self.path))
@@ -446,6 +447,26 @@ class Storage:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.close()
+
+
+def _check_regular(path: str) -> None:
+    """Refuse a path that exists and is not a regular file (or a link to one).
+
+    A device, FIFO or socket is never a queue: reading its header could block
+    forever (a FIFO), and an empty one would be taken for a missing file and
+    *replaced* by a new queue (``/dev/null`` renamed over, as root).
+
+    Raises:
+        NotAQueueError: naming what the path is.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket, not a regular file"
+    raise NotAQueueError(f"{path} is {kind}, not a queue file")
 
 
 def _remove_stale_temporaries(path: str) -> None:
