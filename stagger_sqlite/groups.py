@@ -289,6 +289,7 @@ class GroupConsumer:
             check_int("purge", purge)
         self._queue = queue
         self._storage = queue._storage
+        self._loads = queue._codec.loads
         self._rows: Deque[Tuple[int, bytes]] = collections.deque()
         self._token = 0  # of the claim in self._rows
         self._renew_at = 0.0
@@ -358,6 +359,18 @@ class GroupConsumer:
         if self._in_hand is not None:
             self._done.append((self.group, self._in_hand, self._in_hand_token))
             self._in_hand = None
+        # Fast path, a claimed message in memory and no lease renewal due:
+        # this runs once per message, so it skips the layers below.
+        rows = self._rows
+        if rows and not self._closed and not self._storage._closed and time.time() < self._renew_at:
+            seq, body = rows.popleft()
+            try:
+                msg = self._loads(body)
+            except Exception:
+                rows.appendleft((seq, body))  # the slow path dead-letters it
+            else:
+                self._in_hand, self._in_hand_token = seq, self._token
+                return seq, msg
         while True:
             if self._closed or self._storage.closed:
                 raise StopIteration
@@ -372,10 +385,10 @@ class GroupConsumer:
                     self._safely(lambda: self._bury_undecodable(seq, self._token, str(e)))
                     continue
                 self._in_hand, self._in_hand_token = seq, self._token
-                self._idle_deadline = None
                 return seq, msg
             next_ready = self._safely(self._claim)
             if self._rows:
+                self._idle_deadline = None
                 self._waiter.reset()
                 continue
             # Nothing claimable. Scheduled messages that are due become
