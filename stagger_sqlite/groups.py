@@ -75,8 +75,8 @@ SQL_NEXT_READY = "SELECT min(ready) FROM deliveries WHERE grp = ?"
 SQL_LOWEST = "SELECT min(seq) FROM deliveries WHERE grp = ?"
 SQL_RELEASE = """UPDATE deliveries SET state = state + 2, token = 0, ready = ?
     WHERE grp = ? AND seq = ? AND token = ? AND state < 2"""
-SQL_RENEW = "UPDATE deliveries SET ready = ? WHERE grp = ? AND token = ? AND state < 2"
-SQL_HELD = "SELECT seq FROM deliveries WHERE grp = ? AND token = ? AND state < 2"
+SQL_RENEW = "UPDATE deliveries SET ready = ? WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
+SQL_HELD = "SELECT 1 FROM deliveries WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
 SQL_ROW = """SELECT d.attempts, d.error, coalesce(d.body, m.body) FROM deliveries d
     LEFT JOIN messages m ON m.seq = d.seq WHERE d.grp = ? AND d.seq = ? AND d.token = ? AND d.state < 2"""
 SQL_BURY = "INSERT OR REPLACE INTO dead_letters (grp, seq, body, attempts, error, at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -298,6 +298,11 @@ class GroupConsumer:
         self._done: List[Tuple[str, int, int]] = []  # finished locally, to delete at the next write
         self._idle = False  # the last claim found nothing: look before taking the writer lock
         self._idle_deadline: Optional[float] = None  # on self: under asyncio __next__ is re-entered
+        #: Optional hook (the worker pool's rate limit, ``control.RateLimiter``):
+        #: ``allow(conn, now, want) -> (n, due)`` caps a claim at ``n`` messages
+        #: (0: claim nothing, wait until ``due``); ``spend(conn, now, n)``
+        #: records ``n`` hand-outs. Both run inside the claim's transaction.
+        self.claim_limit: Any = None
         self._closed = False
         self._entered = False
         # Before the first claim (the Waiter protocol): no ring is missed.
@@ -482,9 +487,14 @@ class GroupConsumer:
             cursor, token = 0, 0
         token += 1
         deadline = now + self._lease
+        batch = self._batch
+        if self.claim_limit is not None:
+            batch, due = self.claim_limit.allow(conn, now, batch)
+            if batch < 1:
+                return [], 0, due
         alone: Optional[Tuple[int, bytes]] = None
         again: List[Tuple[int, bytes]] = []
-        for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, self._batch)).fetchall():
+        for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, batch)).fetchall():
             if body is None:  # cannot happen: purge stops below unfinished messages
                 conn.execute(SQL_DROP, (group, seq))
                 continue
@@ -508,7 +518,7 @@ class GroupConsumer:
         else:
             conn.executemany(SQL_TAKE, [(CLAIMED, token, deadline, group, seq) for seq, _ in again])
             rows = again
-            want = self._batch - len(again)
+            want = batch - len(again)
             if want > 0:
                 new = conn.execute(SQL_NEW, (cursor, want)).fetchall()
                 if new:
@@ -519,21 +529,25 @@ class GroupConsumer:
                     cursor = max(cursor, _last_seq(conn))  # everything above was purged or never written
         if rows:
             conn.execute(SQL_SET_GROUP, (cursor, token, group))
+            if self.claim_limit is not None:
+                self.claim_limit.spend(conn, now, len(rows))
             return rows, token, None
         conn.execute(SQL_SET_GROUP, (cursor, token - 1, group))
         return [], 0, conn.execute(SQL_NEXT_READY, (group,)).fetchall()[0][0]
 
     def _renew(self) -> None:
         """Push the lease of what this member still holds; drop what it lost."""
-        token, expected = self._token, len(self._rows)
+        token, seqs = self._token, [seq for seq, _ in self._rows]
 
         def renew(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Optional[set]:
             if done:
                 conn.executemany(SQL_FINISH, done)
-            conn.execute(SQL_RENEW, (time.time() + self._lease, self.group, token))
-            if conn.changes() == expected:
+            before = conn.total_changes()
+            deadline = time.time() + self._lease
+            conn.executemany(SQL_RENEW, [(deadline, self.group, seq, token) for seq in seqs])
+            if conn.total_changes() - before == len(seqs):
                 return None
-            return {r[0] for r in conn.execute(SQL_HELD, (self.group, token)).fetchall()}
+            return {seq for seq in seqs if conn.execute(SQL_HELD, (self.group, seq, token)).fetchall()}
 
         held = self._write(renew)
         if held is not None and token == self._token:
