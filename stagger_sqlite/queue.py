@@ -6,13 +6,15 @@ Seqnos, writes, purge and the figures; consuming is built by ``consume.py``
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import apsw
 
 from . import codec as codecs
 from . import schema
+from . import groups as groups_
 from .consume import Consumer
 from .errors import QueueClosedError
 from .storage import Storage
@@ -146,7 +148,9 @@ class StaggerQueue:
                 "last_seq": last_seq(conn),
                 "stored": conn.execute(SQL_COUNT).fetchall()[0][0],
                 "scheduled": conn.execute("SELECT count(*) FROM scheduled").fetchall()[0][0],
-                "groups": {},
+                "groups": {
+                    name: dataclasses.asdict(info) for name, info in groups_.group_figures(conn).items()
+                },
             }
 
         result = self._storage.read(figures, snapshot=True)
@@ -162,26 +166,63 @@ class StaggerQueue:
         batch: int = 50,
         purge: Optional[int] = None,
         wait: Union[bool, float] = True,
-    ) -> Consumer:
-        """Iterate ``(seq, msg)`` for every stored message with ``seq > ack``.
+        group: Optional[str] = None,
+        lease: float = 30.0,
+        max_attempts: int = 5,
+    ) -> Union[Consumer, "groups_.GroupConsumer"]:
+        """Iterate ``(seq, msg)`` for every stored message with ``seq > ack``,
+        or, with ``group``, as one member of that consumer group.
 
         Args:
-            ack: the last seqno the caller has finished; delivery starts after it.
-            batch: rows read per round trip (no read transaction stays open
-                while the caller holds a message).
+            ack: the last seqno the caller has finished; delivery starts after
+                it. With ``group``: the start point of a new group (ignored
+                for an existing one).
+            batch: rows read (with ``group``: messages claimed) per round trip.
             purge: before the first message, remove messages with
-                ``seq <= min(purge, ack)``.
-            wait: ``True``: when caught up, wait for new writes; ``False``:
-                stop when caught up; a number: stop after that many seconds
-                without a new message.
+                ``seq <= min(purge, ack)`` (with ``group``: ``seq <= purge``),
+                never beyond what every group has finished.
+            wait: ``True``: when caught up, wait for new writes (and, with
+                ``group``, redeliveries falling due); ``False``: stop when
+                caught up; a number: stop after that many seconds without one.
+            group: the consumer group's name (see ``groups.GroupConsumer``).
+            lease: with ``group``: seconds a member may hold a message before
+                it is delivered to another member.
+            max_attempts: with ``group``: failed deliveries before a message
+                goes to the group's dead letters.
 
         Raises:
             ValueError: a negative or non-integer ``ack``/``purge``, ``batch`` < 1,
-                a bad ``wait``.
-            AckOutOfRangeError: ``ack`` is beyond ``last_seq``.
+                a bad ``wait``, ``group``, ``lease`` or ``max_attempts``.
+            AckOutOfRangeError: ``ack`` is beyond ``last_seq`` (for a group:
+                only when creating it).
             QueueClosedError: the queue was closed.
         """
+        if group is not None:
+            return groups_.GroupConsumer(
+                self, group, ack=ack, batch=batch, lease=lease, max_attempts=max_attempts, wait=wait, purge=purge
+            )
         return Consumer(self, ack=ack, batch=batch, purge=purge, wait=wait)
+
+    def groups(self) -> Dict[str, "groups_.GroupInfo"]:
+        """Every consumer group of this queue: name -> ``GroupInfo``."""
+        return self._storage.read(groups_.group_figures, snapshot=True)
+
+    def dead_letters(self, group: str) -> List["groups_.DeadLetter"]:
+        """The dead letters of ``group``, by seq (empty for an unknown group).
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string.
+        """
+        return groups_.dead_letters(self, group)
+
+    def requeue(self, group: str, seqs: Optional[Sequence[int]] = None) -> int:
+        """Give dead letters of ``group`` (all, or those in ``seqs``) back to
+        the group for delivery now, attempts reset. Returns how many.
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string, or a bad seq.
+        """
+        return groups_.requeue(self, group, seqs)
 
     def read_page(self, after: int, limit: int) -> List[tuple]:
         """Stored ``(seq, body)`` rows with ``seq > after``, ascending, at most
@@ -194,8 +235,9 @@ class StaggerQueue:
     # -- purging ---------------------------------------------------------
 
     def purge(self, upto: Optional[int] = None) -> int:
-        """Remove stored messages with ``seq <= upto`` (None: all) and return
-        how many were removed. Free pages go back to the OS incrementally.
+        """Remove stored messages with ``seq <= upto`` (None: all), but never
+        one some consumer group has not finished, and return how many were
+        removed. Free pages go back to the OS incrementally.
 
         Raises:
             ValueError: ``upto`` is negative or not an integer.
@@ -205,6 +247,9 @@ class StaggerQueue:
 
         def remove(conn: apsw.Connection) -> int:
             bound = last_seq(conn) if upto is None else upto
+            floor = groups_.finished_floor(conn)
+            if floor is not None:
+                bound = min(bound, floor)  # never what some group has not finished
             conn.execute(SQL_PURGE, (bound,))
             removed = conn.changes()
             if removed:
