@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 if TYPE_CHECKING:
     from .queue import StaggerQueue
@@ -106,22 +106,24 @@ class RateLimiter:
         self._key = _key("rate", group)
         self.rate = rate
 
-    def reserve(self, now: Optional[float] = None) -> Optional[float]:
-        """Try to take the next hand-out.
+    def reserve(self) -> Tuple[Optional[float], float]:
+        """Try to take the next hand-out: ``(token, wait)``.
 
-        Returns a token (the row's old value) to pass to ``settle``, or None
-        when the next hand-out is not due yet (see ``wait_hint``).
+        ``token`` (the row's old value, for ``settle``) is None when the next
+        hand-out is not due yet; ``wait`` is then the seconds until it is.
         """
 
-        def take(conn) -> Optional[float]:
-            t = time.time() if now is None else now
+        def take(conn) -> Tuple[Optional[float], float]:
+            t = time.time()
             due = _get(conn, self._key)
             due = 0.0 if due is None else float(due)
             if t < due:
-                return None
+                return None, due - t
             _put(conn, self._key, t + GUARD)
-            return due
+            return due, 0.0
 
+        if self.wait_hint() > 0:  # a read first: waiting members cost writers nothing
+            return None, self.wait_hint()
         return self._q._storage.write(take, notify=False)
 
     def settle(self, token: float, handed_out: bool) -> None:

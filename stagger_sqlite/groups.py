@@ -539,7 +539,7 @@ class GroupConsumer:
 
         return self._storage.write(finish, notify=False)
 
-    def nack(self, seq: int, *, delay: Optional[float] = None, error: Optional[str] = None) -> bool:
+    def nack(self, seq: int, *, delay: Optional[float] = None, error: Optional[str] = None, dead: bool = False) -> bool:
         """Send message ``seq`` back for a later delivery, to any member.
 
         Args:
@@ -547,6 +547,8 @@ class GroupConsumer:
                 backoff with jitter (see ``backoff``).
             error: why, kept as the message's last error (shown by
                 ``dead_letters``).
+            dead: dead-letter it now, whatever its attempts (a failure that
+                no retry can mend, e.g. an HTTP 400 from ``forward``).
 
         Returns True when it took effect, False when this member no longer
         holds the message (as ``ack``). After ``max_attempts`` failed
@@ -559,16 +561,18 @@ class GroupConsumer:
         if token is None:
             return False
         self._forget(seq)
-        return self._storage.write(lambda conn: self._nack_tx(conn, seq, token, delay, error))
+        return self._storage.write(lambda conn: self._nack_tx(conn, seq, token, delay, error, dead))
 
-    def _nack_tx(self, conn: apsw.Connection, seq: int, token: int, delay: Optional[float], error: Optional[str]) -> bool:
+    def _nack_tx(
+        self, conn: apsw.Connection, seq: int, token: int, delay: Optional[float], error: Optional[str], dead: bool = False
+    ) -> bool:
         self._flush(conn)
         row = conn.execute(SQL_ROW, (self.group, seq, token)).fetchall()
         if not row:
             return False
         attempts, _, body = row[0]
         attempts += 1
-        if attempts >= self._max_attempts:
+        if dead or attempts >= self._max_attempts:
             _bury(conn, self.group, seq, body, attempts, error)
             return True
         due = time.time() + (backoff(attempts) if delay is None else delay)

@@ -107,6 +107,7 @@ class Worker:
         self.limiter = control.RateLimiter(self.q, opts.group, opts.rate) if opts.rate else None
         self.stopping = False
         self._idle = 0.01
+        self._rate_wait = 0.0  # seconds until the next hand-out is due
         self.done = 0
 
     def stop(self) -> None:
@@ -120,7 +121,9 @@ class Worker:
                 elif self.limiter is None and not self.opts.batch_handler:
                     self._stream()
                 elif not self._one_round():
-                    time.sleep(self._idle)
+                    # Nothing claimable (back off) or the next hand-out not due
+                    # (sleep until it is, a little at a time to see flags).
+                    time.sleep(min(self._rate_wait or self._idle, POLL))
                     self._idle = min(self._idle * 2, POLL)
                 else:
                     self._idle = 0.01
@@ -137,10 +140,9 @@ class Worker:
         """Handle messages until idle for POLL seconds, paused or stopping;
         closing the consumer acks the last one and releases the unstarted."""
         with self._consumer(self.opts.batch, POLL) as c:
-            it = iter(c)
             while not self.stopping and not control.is_paused(self.q, self.opts.group):
                 try:
-                    seq, msg = next(it)
+                    seq, msg = next(c)
                 except StopIteration:
                     return
                 except DecodeError as e:
@@ -154,15 +156,16 @@ class Worker:
         """Claim one message, within the rate limit: ``(consumer, seq, msg)``
         or None when nothing is claimable (or due) now."""
         token = None
+        self._rate_wait = 0.0
         if self.limiter is not None:
-            token = self.limiter.reserve()
+            token, self._rate_wait = self.limiter.reserve()
             if token is None:
                 return None
         got = None
         try:
             c = self._consumer(1, False)
             try:
-                seq, msg = next(iter(c))
+                seq, msg = next(c)  # not iter(c): a dropped generator would nack
                 got = (c, seq, msg)
             except StopIteration:
                 c.close()
