@@ -12,6 +12,7 @@ that none was dead-lettered; the exit status is 1 otherwise.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import random
@@ -70,6 +71,8 @@ class Display:
 
 def run(path: Optional[str] = None, messages: int = 10000, producers: int = 2, processes: int = 2, kill: bool = True) -> int:
     """Run the demo; returns 0 when no job was lost, 1 otherwise."""
+    # The summary tells the story; the workers' log of each simulated failure would drown it.
+    logging.getLogger("stagger_sqlite").setLevel(logging.ERROR)
     path = path or os.path.join(tempfile.mkdtemp(prefix="stagger-demo-"), "demo.db")
     done_path = path + ".done"
     os.environ["STAGGER_DEMO_DONE"] = done_path  # inherited by the spawned workers
@@ -117,7 +120,8 @@ def run(path: Optional[str] = None, messages: int = 10000, producers: int = 2, p
                 if kill and not killed and finished >= messages // 2:
                     killed = _kill_one(pool)
                 producing = any(p.is_alive() for p in procs)
-                if not producing and written >= messages and group_idle(q, GROUP):
+                restarted = not killed or pool.restarts > 0  # show the restart before the end
+                if not producing and written >= messages and restarted and group_idle(q, GROUP):
                     break
                 if not runner.is_alive():
                     break

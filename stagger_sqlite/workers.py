@@ -88,7 +88,8 @@ class WorkerOptions:
     lease: float = 30.0
     max_attempts: int = 5
     rate: Optional[control.Rate] = None
-    log_level: Optional[int] = None
+    #: (level of the ``stagger_sqlite`` logger, whether the root logger is configured)
+    log_level: Optional[Tuple[int, bool]] = None
 
 
 class Worker:
@@ -234,7 +235,10 @@ def _seqs(seqs: List[int]) -> str:
 def _child_main(opts: WorkerOptions, handler: Handler) -> None:
     """Entry point of a worker process."""
     if opts.log_level is not None:
-        logging.basicConfig(level=opts.log_level, format="%(asctime)s %(processName)s %(levelname)s %(message)s")
+        level, configured = opts.log_level
+        logging.getLogger("stagger_sqlite").setLevel(level)
+        if configured:  # the parent logs somewhere: so do its workers, alike
+            logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(levelname)s %(message)s")
     worker = Worker(opts, resolve_handler(handler))
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -331,8 +335,7 @@ class WorkerPool:
         self._stop.set()
 
     def _spawn(self, index: int) -> multiprocessing.process.BaseProcess:
-        root = logging.getLogger()
-        level = logging.getLogger("stagger_sqlite").getEffectiveLevel() if root.handlers else None
+        level = (logging.getLogger("stagger_sqlite").getEffectiveLevel(), bool(logging.getLogger().handlers))
         opts = replace(self.opts, log_level=level)
         p = self._ctx.Process(
             target=_child_main, args=(opts, self.handler), name=f"{self.opts.group}-worker-{index}", daemon=False
