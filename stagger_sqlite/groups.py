@@ -91,8 +91,9 @@ class GroupInfo:
     Attributes:
         acked: every message with seq <= acked is finished (acked or dead).
         in_flight: handed to a member, not yet finished or nacked.
-        retrying: waiting for their next delivery (nacked, released, or back
-            from an expired lease).
+        retrying: waiting for their next delivery after a failed one (nacked,
+            or back from an expired lease). Messages released unstarted (on
+            an exception or close) count in ``lag`` only, like new ones.
         lag: ``last_seq - acked``.
         dead: dead letters of the group.
         delivered: every message with seq <= delivered was handed out at
@@ -169,13 +170,19 @@ def group_figures(conn: apsw.Connection) -> Dict[str, GroupInfo]:
     last = _last_seq(conn)
     result = {}
     for name, cursor in conn.execute("SELECT name, cursor FROM groups ORDER BY name").fetchall():
-        counts = dict(conn.execute("SELECT state, count(*) FROM deliveries WHERE grp = ? GROUP BY state", (name,)).fetchall())
+        counts = dict(
+            conn.execute(
+                "SELECT state >= 2 AND attempts > 0, count(*) FROM deliveries WHERE grp = ? AND (state < 2 OR attempts > 0) "
+                "GROUP BY 1",
+                (name,),
+            ).fetchall()
+        )
         dead = conn.execute("SELECT count(*) FROM dead_letters WHERE grp = ?", (name,)).fetchall()[0][0]
         acked = acked_of(conn, name, cursor)
         result[name] = GroupInfo(
             acked=acked,
-            in_flight=counts.get(CLAIMED, 0) + counts.get(CLAIMED_ALONE, 0),
-            retrying=counts.get(WAITING, 0) + counts.get(WAITING_ALONE, 0),
+            in_flight=counts.get(0, 0),
+            retrying=counts.get(1, 0),
             lag=last - acked,
             dead=dead,
             delivered=cursor,
@@ -318,12 +325,17 @@ class GroupConsumer:
                     return
                 yield item
         except GeneratorExit:
-            # The loop was left early: by `break` or by an exception, which
-            # Python does not tell apart here. Inside `with`, __exit__ knows
-            # and decides. Without it, assume the worst for the message in
-            # hand (nack: retried with backoff, counted) and release the rest.
+            # The loop was left early, by `break` or by an exception: Python
+            # does not tell them apart here (both just drop the iterator).
+            # Inside `with`, __exit__ knows and decides. Without it, release
+            # the unstarted rest at once (always safe) and leave the message
+            # in hand as it is: the next `next()`, `ack` or `close()` finishes
+            # it; if none comes, its lease expires and it is delivered again.
+            conn = self._storage._conn
+            if conn is not None and conn.in_transaction:
+                raise  # finalized from inside a transaction (a GC pass): leave it to the lease
             if not self._entered and not self._closed:
-                self._end(failure="the loop over the consumer was left early (an exception or break outside `with`)")
+                self._end(keep_in_hand=True)
             raise
 
     def __next__(self) -> Tuple[int, Any]:
@@ -584,12 +596,15 @@ class GroupConsumer:
 
     # -- ending ----------------------------------------------------------
 
-    def _end(self, *, failure: Optional[str] = None, release_in_hand: bool = False) -> None:
+    def _end(self, *, failure: Optional[str] = None, release_in_hand: bool = False, keep_in_hand: bool = False) -> None:
         """One write: finish what is done (and the message in hand, unless
-        ``failure``: nack it with that error; or ``release_in_hand``), and
-        release the unstarted rest for other members at once."""
+        ``failure``: nack it with that error; ``release_in_hand``; or
+        ``keep_in_hand``), and release the unstarted rest at once."""
         in_hand, in_hand_token = self._in_hand, self._in_hand_token
-        self._in_hand = None
+        if keep_in_hand:
+            in_hand = None
+        else:
+            self._in_hand = None
         unstarted = [(seq, self._token) for seq, _ in self._rows]
         self._rows.clear()
         if in_hand is not None:
