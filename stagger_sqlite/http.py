@@ -276,11 +276,16 @@ class Forwarder:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                if self._round():
+                try:
+                    failed = self._round()
+                except QueueClosedError:
+                    return
+                except Exception:  # e.g. a lock timeout: keep this destination alive
+                    log.exception("%s: forwarding failed; retrying", self.dest.url)
+                    failed = True
+                if failed:
                     self.stop.wait(self.backoff * random.uniform(0.5, 1.0))
                     self.backoff = min(self.backoff * 2, BACKOFF_MAX)
-        except QueueClosedError:
-            pass
         finally:
             self.dest.close()
 
