@@ -44,6 +44,10 @@ def quick(seconds: float = 2.0, directory: Optional[str] = None) -> int:
             started = time.perf_counter()
             n = sum(1 for _ in q.consume(wait=False, batch=500))
             rows.append((f"drain {n} with consume(ack)", n / (time.perf_counter() - started)))
+            started = time.perf_counter()
+            with q.consume(group="bench", batch=100, wait=False) as c:
+                n = sum(1 for _ in c)
+            rows.append((f"drain {n} with a group, batch 100", n / (time.perf_counter() - started)))
         for name, rate in rows:
             print(f"{name:<34} {rate:>12,.0f}", flush=True)
     except KeyboardInterrupt:

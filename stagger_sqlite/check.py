@@ -31,6 +31,15 @@ def check(q: "StaggerQueue") -> List[str]:
         mark = mark[0][0] if mark else 0
         if high > mark:
             problems.append(f"stored seqno {high} is above the high-water mark {mark}: seqnos could be reused")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+        if "deliveries" in tables:
+            # A message a group has not finished must still be readable.
+            lost = conn.execute(
+                "SELECT d.grp, d.seq FROM deliveries d LEFT JOIN messages m ON m.seq = d.seq "
+                "WHERE m.seq IS NULL AND d.body IS NULL LIMIT 5"
+            ).fetchall()
+            for grp, seq in lost:
+                problems.append(f"group {grp!r} has not finished seq {seq}, but the message is gone")
         return problems
 
     problems = q._storage.read(inspect, snapshot=True)

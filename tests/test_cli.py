@@ -173,3 +173,32 @@ def test_bench_runs(tmp_path):
     r = run("bench", "--seconds", "0.2", "--dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "write_many" in r.stdout
+
+
+def test_write_shows_progress_on_a_terminal_for_large_input(qpath):
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        data = "".join(f"{i}\n" for i in range(25000))
+        p = subprocess.run(CLI + ["write", qpath, "-q"], input=data.encode(), stdout=subprocess.PIPE,
+                           stderr=slave, timeout=120)
+        os.close(slave)
+        slave = None
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    assert p.returncode == 0
+    assert b"written 25000" in shown
+    with StaggerQueue(qpath) as q:
+        assert q.last_seq == 25000
