@@ -6,15 +6,10 @@ a group sees the same state, with no daemon to run:
 - ``paused:<group>``: present while the group is paused. Workers check it
   before each hand-out and take nothing while it is set.
 - ``rate:<group>``: the earliest time (epoch seconds) of the next hand-out
-  (the "theoretical arrival time" of a GCRA limiter with no burst).
+  (the "theoretical arrival time" of a GCRA limiter).
 
-The rate limit is strict: with ``N`` per window ``W``, hand-outs are spaced at
-least ``W / N`` apart across every process, so no window of length ``W`` holds
-more than ``N`` of them. A hand-out is *reserved* (the row is pushed far into
-the future while the claim runs, so nobody else claims meanwhile), then
-*settled* once the claim is done: to ``claim end + W/N`` if something was
-handed out, back to its old value if nothing was. A process killed between
-the two stalls the group for at most ``GUARD`` seconds.
+The rate limit is strict (see ``RateLimiter``) and is applied inside the
+claim's own write transaction, so it holds across every process.
 """
 
 from __future__ import annotations
@@ -27,18 +22,15 @@ from typing import TYPE_CHECKING, Optional, Tuple
 if TYPE_CHECKING:
     from .queue import StaggerQueue
 
-#: Seconds a reservation blocks other claimers if its holder dies mid-claim.
-GUARD = 10.0
-
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 
 @dataclass(frozen=True)
 class Rate:
     """At most ``count`` hand-outs in any window of ``window`` seconds."""
 
-    count: float
+    count: int
     window: float
 
     @property
@@ -48,19 +40,19 @@ class Rate:
 
     def __str__(self) -> str:
         unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.window, f"{self.window}s")
-        return f"{self.count:g}/{unit}"
+        return f"{self.count}/{unit}"
 
 
 def parse_rate(text: str) -> Rate:
-    """Parse ``"N/s"``, ``"N/m"`` or ``"N/h"``.
+    """Parse ``"N/s"``, ``"N/m"`` or ``"N/h"`` (N a whole number).
 
     Raises:
         ValueError: anything else, or N not > 0.
     """
     m = _RATE.match(text.lower()) if isinstance(text, str) else None
     if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"bad rate {text!r}: use N/s, N/m or N/h with N > 0, e.g. 100/s")
-    return Rate(float(m.group(1)), _UNITS[m.group(2)])
+        raise ValueError(f"bad rate {text!r}: use N/s, N/m or N/h with a whole N > 0, e.g. 100/s")
+    return Rate(int(m.group(1)), _UNITS[m.group(2)])
 
 
 def _key(kind: str, group: str) -> str:
@@ -99,43 +91,37 @@ def is_paused(q: "StaggerQueue", group: str) -> bool:
 
 
 class RateLimiter:
-    """The group-wide limiter, one per worker; state lives in the queue file."""
+    """The group-wide limiter. Its state is one row in the queue file, read
+    and updated inside each claim's write transaction (``GroupConsumer``'s
+    ``claim_limit`` hook), so every process and every pool shares it.
 
-    def __init__(self, q: "StaggerQueue", group: str, rate: Rate) -> None:
-        self._q = q
-        self._key = _key("rate", group)
+    A GCRA without burst beyond N: ``due`` (the row) is the earliest time of
+    the next hand-out. A claim of ``k`` messages at time ``t`` is allowed when
+    ``t >= due + (k - 1) * interval`` and ``k <= N``; it moves ``due`` to
+    ``t + k * interval``. Then any ``m`` hand-outs span at least
+    ``(m - 1) * interval`` seconds, so no window of ``window`` seconds holds
+    more than N of them.
+    """
+
+    def __init__(self, group: str, rate: Rate) -> None:
+        self.key = _key("rate", group)
         self.rate = rate
+        self._most = rate.count
 
-    def reserve(self) -> Tuple[Optional[float], float]:
-        """Try to take the next hand-out: ``(token, wait)``.
+    def allow(self, conn, now: float, want: int) -> Tuple[int, float]:
+        """``(n, due)``: claim at most ``n`` messages now (0: none before ``due``)."""
+        due = _get(conn, self.key)
+        due = 0.0 if due is None else float(due)
+        if now < due:
+            return 0, due
+        n = 1 + int((now - due) / self.rate.interval)
+        return min(want, self._most, n), due
 
-        ``token`` (the row's old value, for ``settle``) is None when the next
-        hand-out is not due yet; ``wait`` is then the seconds until it is.
-        """
+    def spend(self, conn, now: float, n: int) -> None:
+        """Record ``n`` hand-outs made at ``now``."""
+        _put(conn, self.key, now + n * self.rate.interval)
 
-        def take(conn) -> Tuple[Optional[float], float]:
-            t = time.time()
-            due = _get(conn, self._key)
-            due = 0.0 if due is None else float(due)
-            if t < due:
-                return None, due - t
-            _put(conn, self._key, t + GUARD)
-            return due, 0.0
-
-        if self.wait_hint() > 0:  # a read first: waiting members cost writers nothing
-            return None, self.wait_hint()
-        return self._q._storage.write(take, notify=False)
-
-    def settle(self, token: float, handed_out: bool) -> None:
-        """End a reservation: the next hand-out is due ``interval`` from now,
-        or, if nothing was handed out, when it was due before."""
-
-        def done(conn) -> None:
-            _put(conn, self._key, time.time() + self.rate.interval if handed_out else token)
-
-        self._q._storage.write(done, notify=False)
-
-    def wait_hint(self) -> float:
-        """Seconds until the next hand-out may be due (0 if now)."""
-        due = self._q._storage.read(lambda conn: _get(conn, self._key))
+    def due(self, q: "StaggerQueue") -> float:
+        """Seconds until the next hand-out may be due (0: now)."""
+        due = q._storage.read(lambda conn: _get(conn, self.key))
         return 0.0 if due is None else max(0.0, float(due) - time.time())

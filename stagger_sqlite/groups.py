@@ -291,6 +291,11 @@ class GroupConsumer:
         self._in_hand_token = 0
         self._done: List[Tuple[str, int, int]] = []  # finished locally, to delete at the next write
         self._idle = False  # the last claim found nothing: look before taking the writer lock
+        #: Optional hook (the worker pool's rate limit, ``control.RateLimiter``):
+        #: ``allow(conn, now, want) -> (n, due)`` caps a claim at ``n`` messages
+        #: (0: claim nothing, wait until ``due``); ``spend(conn, now, n)``
+        #: records ``n`` hand-outs. Both run inside the claim's transaction.
+        self.claim_limit: Any = None
         self._closed = False
         self._entered = False
         self._create(ack)
@@ -434,9 +439,14 @@ class GroupConsumer:
             cursor, token = 0, 0
         token += 1
         deadline = now + self._lease
+        batch = self._batch
+        if self.claim_limit is not None:
+            batch, due = self.claim_limit.allow(conn, now, batch)
+            if batch < 1:
+                return due
         alone: Optional[Tuple[int, bytes]] = None
         again: List[Tuple[int, bytes]] = []
-        for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, self._batch)).fetchall():
+        for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, batch)).fetchall():
             if body is None:  # cannot happen: purge stops below unfinished messages
                 conn.execute(SQL_DROP, (group, seq))
                 continue
@@ -463,7 +473,7 @@ class GroupConsumer:
         else:
             conn.executemany(SQL_TAKE, [(CLAIMED, token, deadline, group, seq) for seq, _ in again])
             rows = again
-            want = self._batch - len(again)
+            want = batch - len(again)
             if want > 0:
                 new = conn.execute(SQL_NEW, (cursor, want)).fetchall()
                 if new:
@@ -474,6 +484,8 @@ class GroupConsumer:
                     cursor = max(cursor, _last_seq(conn))  # everything above was purged or never written
         if rows:
             conn.execute(SQL_SET_GROUP, (cursor, token, group))
+            if self.claim_limit is not None:
+                self.claim_limit.spend(conn, now, len(rows))
             self._rows.extend(rows)
             self._token = token
             self._renew_at = now + self._lease * RENEW_SHARE

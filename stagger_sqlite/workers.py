@@ -32,7 +32,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 from . import control
-from .errors import DecodeError
 from .validate import check_int, check_seconds
 
 log = logging.getLogger("stagger_sqlite.workers")
@@ -105,10 +104,9 @@ class Worker:
         self.opts = opts
         self.handler = handler
         self.q = StaggerQueue(opts.path, codec=opts.codec)
-        self.limiter = control.RateLimiter(self.q, opts.group, opts.rate) if opts.rate else None
+        self.limiter = control.RateLimiter(opts.group, opts.rate) if opts.rate else None
         self.stopping = False
         self._idle = 0.01
-        self._rate_wait = 0.0  # seconds until the next hand-out is due
         self.done = 0
 
     def stop(self) -> None:
@@ -119,23 +117,26 @@ class Worker:
             while not self.stopping:
                 if control.is_paused(self.q, self.opts.group):
                     time.sleep(POLL)
-                elif self.limiter is None and not self.opts.batch_handler:
+                elif not self.opts.batch_handler:
                     self._stream()
-                elif not self._one_round():
-                    # Nothing claimable (back off) or the next hand-out not due
-                    # (sleep until it is, a little at a time to see flags).
-                    time.sleep(min(self._rate_wait or self._idle, POLL))
+                elif not self._one_batch():
+                    # Nothing claimable (back off), or the next hand-out is
+                    # not due (sleep until it is; a little at a time, to see flags).
+                    due = self.limiter.due(self.q) if self.limiter else 0.0
+                    time.sleep(min(due or self._idle, POLL))
                     self._idle = min(self._idle * 2, POLL)
                 else:
                     self._idle = 0.01
         finally:
             self.q.close()
 
-    # -- one handler call per message, claims of `batch` -------------------
-
     def _consumer(self, batch: int, wait: Union[bool, float]):
         o = self.opts
-        return self.q.consume(group=o.group, batch=batch, lease=o.lease, max_attempts=o.max_attempts, wait=wait)
+        c = self.q.consume(group=o.group, batch=batch, lease=o.lease, max_attempts=o.max_attempts, wait=wait)
+        c.claim_limit = self.limiter  # the rate limit, applied inside each claim
+        return c
+
+    # -- one handler call per message, claims of up to `batch` -------------
 
     def _stream(self) -> None:
         """Handle messages until idle for POLL seconds, paused or stopping;
@@ -143,48 +144,30 @@ class Worker:
         with self._consumer(self.opts.batch, POLL) as c:
             while not self.stopping and not control.is_paused(self.q, self.opts.group):
                 try:
-                    seq, msg = next(c)
+                    seq, msg = next(c)  # not iter(c): a dropped generator would release
                 except StopIteration:
                     return
-                except DecodeError as e:
-                    self._failed(c, [e.seq], e, 0.0)
-                    continue
                 self._call(c, [seq], msg)
 
-    # -- rate-limited or batch handler: claims of one ----------------------
+    # -- batch handler: a list of messages, each claimed alone ---------------
 
     def _claim_one(self) -> Optional[Tuple[Any, int, Any]]:
-        """Claim one message, within the rate limit: ``(consumer, seq, msg)``
-        or None when nothing is claimable (or due) now."""
-        token = None
-        self._rate_wait = 0.0
-        if self.limiter is not None:
-            token, self._rate_wait = self.limiter.reserve()
-            if token is None:
-                return None
-        got = None
+        """Claim one message: ``(consumer, seq, msg)``, or None when nothing
+        is claimable (or, with a rate, due) now. Each message has its own
+        consumer, so each stays in hand (unfinished) until the handler is done."""
+        c = self._consumer(1, False)
         try:
-            c = self._consumer(1, False)
-            try:
-                seq, msg = next(c)  # not iter(c): a dropped generator would nack
-                got = (c, seq, msg)
-            except StopIteration:
-                c.close()
-            except DecodeError as e:
-                self._failed(c, [e.seq], e, 0.0)
-                c.close()
-                got = ()  # a hand-out happened; nothing to handle
-        finally:
-            if token is not None:
-                self.limiter.settle(token, got is not None)
-        return got or None
+            seq, msg = next(c)
+        except StopIteration:
+            c.close()
+            return None
+        return c, seq, msg
 
-    def _one_round(self) -> bool:
-        """Claim up to one message (or a list of up to ``batch`` for a batch
-        handler), run the handler. Returns whether anything was handled."""
+    def _one_batch(self) -> bool:
+        """Claim up to ``batch`` messages, call the handler with their list.
+        Returns whether anything was handled."""
         held: List[Tuple[Any, int, Any]] = []
-        want = self.opts.batch if self.opts.batch_handler else 1
-        while len(held) < want and not self.stopping:
+        while len(held) < self.opts.batch and not self.stopping:
             got = self._claim_one()
             if got is None:
                 break
@@ -192,10 +175,9 @@ class Worker:
         if not held:
             return False
         seqs = [s for _, s, _ in held]
-        msgs = [m for _, _, m in held]
         started = time.monotonic()
         try:
-            self.handler(msgs if self.opts.batch_handler else msgs[0])
+            self.handler([m for _, _, m in held])
         except Exception as e:
             ms = (time.monotonic() - started) * 1000
             for c, seq, _ in held:
