@@ -165,7 +165,9 @@ def cmd_read(args: argparse.Namespace) -> int:
             for seq, msg in c:
                 try:
                     emit(dumps({"seq": seq, "msg": msg}))
-                    if args.follow:
+                    if args.follow or args.group:
+                        # With a group, the next message acks this one: it
+                        # must have left this process first (at-least-once).
                         sys.stdout.flush()
                 except BrokenPipeError:
                     if args.group:
