@@ -137,11 +137,11 @@ def test_lease_is_renewed_while_a_member_keeps_handing_out(q):
             while not stop.is_set():
                 other_got.extend(s for s, _ in c)
 
-    with q.consume(group="g", batch=30, lease=1.0, wait=False) as c:
+    with q.consume(group="g", batch=30, lease=1.5, wait=False) as c:
         got = [next(c)[0]]  # this member now holds all 30
         t = threading.Thread(target=other)
         t.start()
-        for seq, _ in c:  # 30 x 0.1 s = 3 s, three times the lease
+        for seq, _ in c:  # 30 x 0.1 s = 3 s, twice the lease: renewed on the way
             time.sleep(0.1)
             got.append(seq)
     stop.set()
