@@ -14,7 +14,12 @@ How it is stored (tables in schema.py):
 The costs: a member claims up to ``batch`` messages in one short write
 transaction, which also deletes the rows it finished since its last claim
 (implicit acks are batched; a message is finished locally, at once, when the
-next one is asked for). Per message, the rest is Python-level work.
+next one is asked for). Both are set-wise statements (``INSERT ... SELECT``,
+a delete by token range): binding rows one by one from Python costs more than
+SQLite's own work. Per message, the rest is Python-level work.
+
+Hand-out order: due redeliveries first, in the order they fell due (index
+``deliveries_ready``), then new messages in seqno order.
 
 Which message killed a member? A member writes nothing when it starts a
 message (that would be a transaction per message). When a batch's lease
