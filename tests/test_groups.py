@@ -437,3 +437,15 @@ def test_readme_group_examples_run(tmp_path):
             assert "acked=1000" in out.stdout and "dead=0" in out.stdout
         if "dead-demo" in block:
             assert out.stdout.splitlines() == ["2 poison 1 cannot parse", "1", "[2]"]
+
+
+def test_keyboard_interrupt_releases_everything_without_an_attempt(q):
+    q.write_many(range(3))
+    with pytest.raises(KeyboardInterrupt):
+        with q.consume(group="g", batch=3, lease=30, wait=False) as c:
+            for seq, _ in c:
+                if seq == 2:
+                    raise KeyboardInterrupt
+    info = q.groups()["g"]
+    assert (info.acked, info.in_flight, info.retrying, info.dead) == (1, 0, 0, 0)
+    assert drain(q, "g", lease=30) == [2, 3]  # at once: no lease wait, no backoff
