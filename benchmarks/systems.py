@@ -177,7 +177,8 @@ class PQ:
         self.q.put(msg)
 
     def put_many(self, msgs: List[Any]) -> None:
-        # Its batch form: auto_commit=False, then task_done() commits.
+        # Its documented batch form: auto_commit=False, then task_done()
+        # (for SQLite each put still commits: its `with conn` block does).
         self.q.auto_commit = False
         for m in msgs:
             self.q.put(m)
