@@ -55,7 +55,10 @@ def sqlite_errors(path: str) -> Iterator[None]:
     except apsw.FullError as e:
         raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
     except (apsw.BusyError, apsw.LockedError) as e:
-        raise LockTimeoutError(f"{path} stayed locked by another connection for the whole timeout ({e}); nothing was written") from None
+        # Not SQLite's own words: "database is locked" is what users must never see.
+        raise LockTimeoutError(
+            f"{path} was held by a writer outside stagger_sqlite's writer lock for the whole timeout; nothing was written"
+        ) from None
     except apsw.ReadOnlyError as e:
         raise PermissionError(errno.EACCES, f"{path} is read-only here ({e}): writes are refused, reads still work", path) from None
     except apsw.NotADBError as e:
@@ -249,6 +252,15 @@ class Storage:
                 if conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
                     # Someone switched the file out of WAL; concurrent readers need it.
                     self._locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall())
+            except apsw.ReadOnlyError:
+                conn.close()
+                # Reading a WAL file needs its -shm: SQLite could not create it.
+                raise PermissionError(
+                    errno.EACCES,
+                    f"cannot open {self.path}: it is read-only and SQLite may not create "
+                    f"{self.path}-wal/-shm beside it (a WAL-mode file needs them even to read)",
+                    self.path,
+                ) from None
             except BaseException:
                 conn.close()
                 raise
@@ -270,7 +282,7 @@ class Storage:
 
     @staticmethod
     def _busy_ms(seconds: Optional[float]) -> int:
-        if seconds is None:
+        if seconds is None or seconds * 1000 >= FOREVER_MS:  # also float("inf")
             return FOREVER_MS
         return max(1, min(FOREVER_MS, int(seconds * 1000)))
 
@@ -362,8 +374,13 @@ class Storage:
                         self._run_batch(conn, batch)
                 finally:
                     lock.release()
+                    if remaining is not None:  # reads get the whole timeout again
+                        conn.set_busy_timeout(self._busy_ms(self.timeout))
                 if any(j.notify for j in batch if j.error is None):
-                    lock.ring()
+                    # The batch has committed: a failed notification must not
+                    # make it look failed (a write that raises wrote nothing).
+                    with contextlib.suppress(OSError):
+                        lock.ring()
         except BaseException as e:
             for j in batch:
                 if j.error is None:
