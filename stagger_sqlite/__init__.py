@@ -16,6 +16,7 @@ from .errors import (
     StaggerError,
     StorageFullError,
 )
+from .groups import DeadLetter, GroupConsumer, GroupInfo
 from .queue import StaggerQueue
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "StaggerQueue",
     "Consumer",
+    "GroupInfo",
+    "DeadLetter",
     "StaggerError",
     "QueueClosedError",
     "LockTimeoutError",

@@ -6,17 +6,19 @@ Seqnos, writes, purge and the figures; consuming is built by ``consume.py``
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import apsw
 
 from . import aio
 from . import codec as codecs
 from . import schema
+from . import groups as groups_
 from .consume import Consumer
 from .errors import QueueClosedError
 from .storage import Storage
@@ -52,7 +54,10 @@ def last_seq(conn: apsw.Connection) -> int:
 def append(conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
     """Insert encoded messages; their seqnos are consecutive because the
     caller holds the writer lock for the whole transaction."""
-    conn.executemany(SQL_INSERT, [(b,) for b in bodies])
+    if len(bodies) == 1:
+        conn.execute(SQL_INSERT, (bodies[0],))  # the common case; executemany costs more
+    else:
+        conn.executemany(SQL_INSERT, [(b,) for b in bodies])
     last = conn.last_insert_rowid()
     return list(range(last - len(bodies) + 1, last + 1))
 
@@ -253,7 +258,9 @@ class StaggerQueue:
                 "last_seq": last_seq(conn),
                 "stored": conn.execute(SQL_COUNT).fetchall()[0][0],
                 "scheduled": conn.execute("SELECT count(*) FROM scheduled").fetchall()[0][0],
-                "groups": {},
+                "groups": {
+                    name: dataclasses.asdict(info) for name, info in groups_.group_figures(conn).items()
+                },
             }
 
         result = self._storage.read(figures, snapshot=True)
@@ -269,26 +276,63 @@ class StaggerQueue:
         batch: int = 50,
         purge: Optional[int] = None,
         wait: Union[bool, float] = True,
-    ) -> Consumer:
-        """Iterate ``(seq, msg)`` for every stored message with ``seq > ack``.
+        group: Optional[str] = None,
+        lease: float = 30.0,
+        max_attempts: int = 5,
+    ) -> Union[Consumer, "groups_.GroupConsumer"]:
+        """Iterate ``(seq, msg)`` for every stored message with ``seq > ack``,
+        or, with ``group``, as one member of that consumer group.
 
         Args:
-            ack: the last seqno the caller has finished; delivery starts after it.
-            batch: rows read per round trip (no read transaction stays open
-                while the caller holds a message).
+            ack: the last seqno the caller has finished; delivery starts after
+                it. With ``group``: the start point of a new group (ignored
+                for an existing one).
+            batch: rows read (with ``group``: messages claimed) per round trip.
             purge: before the first message, remove messages with
-                ``seq <= min(purge, ack)``.
-            wait: ``True``: when caught up, wait for new writes; ``False``:
-                stop when caught up; a number: stop after that many seconds
-                without a new message.
+                ``seq <= min(purge, ack)`` (with ``group``: ``seq <= purge``),
+                never beyond what every group has finished.
+            wait: ``True``: when caught up, wait for new writes (and, with
+                ``group``, redeliveries falling due); ``False``: stop when
+                caught up; a number: stop after that many seconds without one.
+            group: the consumer group's name (see ``groups.GroupConsumer``).
+            lease: with ``group``: seconds a member may hold a message before
+                it is delivered to another member.
+            max_attempts: with ``group``: failed deliveries before a message
+                goes to the group's dead letters.
 
         Raises:
             ValueError: a negative or non-integer ``ack``/``purge``, ``batch`` < 1,
-                a bad ``wait``.
-            AckOutOfRangeError: ``ack`` is beyond ``last_seq``.
+                a bad ``wait``, ``group``, ``lease`` or ``max_attempts``.
+            AckOutOfRangeError: ``ack`` is beyond ``last_seq`` (for a group:
+                only when creating it).
             QueueClosedError: the queue was closed.
         """
+        if group is not None:
+            return groups_.GroupConsumer(
+                self, group, ack=ack, batch=batch, lease=lease, max_attempts=max_attempts, wait=wait, purge=purge
+            )
         return Consumer(self, ack=ack, batch=batch, purge=purge, wait=wait)
+
+    def groups(self) -> Dict[str, "groups_.GroupInfo"]:
+        """Every consumer group of this queue: name -> ``GroupInfo``."""
+        return self._storage.read(groups_.group_figures, snapshot=True)
+
+    def dead_letters(self, group: str) -> List["groups_.DeadLetter"]:
+        """The dead letters of ``group``, by seq (empty for an unknown group).
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string.
+        """
+        return groups_.dead_letters(self, group)
+
+    def requeue(self, group: str, seqs: Optional[Sequence[int]] = None) -> int:
+        """Give dead letters of ``group`` (all, or those in ``seqs``) back to
+        the group for delivery now, attempts reset. Returns how many.
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string, or a bad seq.
+        """
+        return groups_.requeue(self, group, seqs)
 
     def aconsume(self, *args: Any, **kwargs: Any) -> "aio.AsyncConsumer":
         """``consume`` for asyncio: ``async for seq, msg in q.aconsume(...)``.
@@ -310,8 +354,9 @@ class StaggerQueue:
     # -- purging ---------------------------------------------------------
 
     def purge(self, upto: Optional[int] = None) -> int:
-        """Remove stored messages with ``seq <= upto`` (None: all) and return
-        how many were removed. Free pages go back to the OS incrementally.
+        """Remove stored messages with ``seq <= upto`` (None: all), but never
+        one some consumer group has not finished, and return how many were
+        removed. Free pages go back to the OS incrementally.
 
         Raises:
             ValueError: ``upto`` is negative or not an integer.
@@ -321,6 +366,9 @@ class StaggerQueue:
 
         def remove(conn: apsw.Connection) -> int:
             bound = last_seq(conn) if upto is None else upto
+            floor = groups_.finished_floor(conn)
+            if floor is not None:
+                bound = min(bound, floor)  # never what some group has not finished
             conn.execute(SQL_PURGE, (bound,))
             removed = conn.changes()
             if removed:

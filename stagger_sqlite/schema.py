@@ -50,13 +50,54 @@ DDL_V1: List[str] = [
         key   TEXT PRIMARY KEY,
         value
     ) WITHOUT ROWID""",
+    # Consumer groups (groups.py). `cursor`: every seq <= cursor has been
+    # handed out at least once (new messages are those above it); `token`:
+    # the last claim token issued, one per claim, so a late ack from a former
+    # holder of a message never matches the row of its new holder.
+    """CREATE TABLE groups (
+        name    TEXT PRIMARY KEY,
+        cursor  INTEGER NOT NULL,
+        token   INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL
+    ) WITHOUT ROWID""",
+    # A group's messages between their first hand-out and their finish (ack
+    # or dead letter): finishing deletes the row, so the table stays as small
+    # as what is in flight or waiting. `state`: 0 claimed in a batch, 1
+    # claimed alone, 2 waiting, 3 waiting and to be handed out alone (it was
+    # in a batch whose member died). `ready`: lease deadline (0, 1) or due
+    # time (2, 3): the row is claimable once ready <= now, whatever its state.
+    # `body`: only for requeued dead letters, whose message may be purged.
+    """CREATE TABLE deliveries (
+        grp      TEXT NOT NULL,
+        seq      INTEGER NOT NULL,
+        state    INTEGER NOT NULL,
+        token    INTEGER NOT NULL,
+        ready    REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error    TEXT,
+        body     BLOB,
+        PRIMARY KEY (grp, seq)
+    ) WITHOUT ROWID""",
+    # "Next claimable": due redeliveries in the order they became due.
+    "CREATE INDEX deliveries_ready ON deliveries (grp, ready)",
+    # Dead letters keep their own copy of the body: they count as finished,
+    # so purge may remove the message itself.
+    """CREATE TABLE dead_letters (
+        grp      TEXT NOT NULL,
+        seq      INTEGER NOT NULL,
+        body     BLOB NOT NULL,
+        attempts INTEGER NOT NULL,
+        error    TEXT,
+        at       REAL NOT NULL,
+        PRIMARY KEY (grp, seq)
+    )""",
 ]
 
 #: Steps from version n-1 to n, run in one write transaction each.
 MIGRATIONS: Dict[int, List[str]] = {}
 
 #: Tables a file must have to be taken for a queue.
-REQUIRED_TABLES = frozenset({"messages", "scheduled", "settings"})
+REQUIRED_TABLES = frozenset({"messages", "scheduled", "settings", "groups", "deliveries", "dead_letters"})
 
 
 def read_header(path: str) -> bytes:

@@ -1,0 +1,704 @@
+"""Consumer groups: competing members, independent groups, leases, fenced
+acks, retries with backoff, dead letters (SPEC §4).
+
+How it is stored (tables in schema.py):
+
+- ``groups``: one row per group: ``cursor`` (every seq <= cursor has been
+  handed out at least once) and ``token`` (the last claim token).
+- ``deliveries``: a group's messages between their first hand-out and their
+  finish. Finishing (ack, dead letter) deletes the row, so
+  ``acked = min(cursor, lowest seq in deliveries - 1)`` whatever the order
+  in which members finish.
+- ``dead_letters``: finished without success, with their own copy of the body.
+
+The costs: a member claims up to ``batch`` messages in one short write
+transaction, which also deletes the rows it finished since its last claim
+(implicit acks are batched; a message is finished locally, at once, when the
+next one is asked for). Per message, the rest is Python-level work.
+
+Which message killed a member? A member writes nothing when it starts a
+message (that would be a transaction per message). When a batch's lease
+expires, every unfinished message of it is counted as delivered once (it may
+have been the one in hand) and is then handed out *alone* (state 3 -> 1):
+a claim of one message is its start mark, so the message that keeps killing
+its worker is the one whose lone deliveries keep expiring, and it reaches
+``max_attempts`` while the innocent ones finish on their lone delivery. A
+message is never dead-lettered on the strength of a batch expiry alone.
+
+Leases: a claim's rows share a token and a lease deadline. A member renews
+the deadline of what it still holds (and checks it still holds it) at a
+hand-out once a tenth of the lease has passed since the claim or the last
+renewal, so a message is redelivered once held for between 0.9 x lease and
+lease seconds, however long the batch took.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+import time
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import apsw
+
+from .errors import AckOutOfRangeError, DecodeError, QueueClosedError, StaggerError
+from .validate import check_int, check_seconds, check_wait
+from .wakeup import Waiter
+
+if TYPE_CHECKING:  # groups is handed its queue; no import cycle at run time
+    from .queue import StaggerQueue
+
+#: Retry delay after the n-th failed delivery: min(BACKOFF_CAP,
+#: BACKOFF_BASE * 2 ** (n - 1)) seconds, times a random factor in
+#: [1 - BACKOFF_JITTER, 1] so members failing together do not retry together.
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+BACKOFF_JITTER = 0.5
+
+#: Renew a claim's lease at a hand-out once this share of it has passed.
+RENEW_SHARE = 0.1
+
+CLAIMED, CLAIMED_ALONE, WAITING, WAITING_ALONE = 0, 1, 2, 3
+
+SQL_GROUP = "SELECT cursor, token FROM groups WHERE name = ?"
+SQL_CREATE = "INSERT OR IGNORE INTO groups (name, cursor, token, created) VALUES (?, ?, 0, ?)"
+SQL_SET_GROUP = "UPDATE groups SET cursor = ?, token = ? WHERE name = ?"
+SQL_FINISH = "DELETE FROM deliveries WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
+SQL_DUE = """SELECT d.seq, d.state, d.attempts, d.error, coalesce(d.body, m.body)
+    FROM deliveries d LEFT JOIN messages m ON m.seq = d.seq
+    WHERE d.grp = ? AND d.ready <= ? ORDER BY d.ready, d.seq LIMIT ?"""
+SQL_NEW = "SELECT seq, body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
+SQL_INSERT = "INSERT INTO deliveries (grp, seq, state, token, ready) VALUES (?, ?, 0, ?, ?)"
+SQL_TAKE = "UPDATE deliveries SET state = ?, token = ?, ready = ? WHERE grp = ? AND seq = ?"
+SQL_NEXT_READY = "SELECT min(ready) FROM deliveries WHERE grp = ?"
+SQL_LOWEST = "SELECT min(seq) FROM deliveries WHERE grp = ?"
+SQL_RELEASE = """UPDATE deliveries SET state = state + 2, token = 0, ready = ?
+    WHERE grp = ? AND seq = ? AND token = ? AND state < 2"""
+SQL_RENEW = "UPDATE deliveries SET ready = ? WHERE grp = ? AND token = ? AND state < 2"
+SQL_HELD = "SELECT seq FROM deliveries WHERE grp = ? AND token = ? AND state < 2"
+SQL_ROW = """SELECT d.attempts, d.error, coalesce(d.body, m.body) FROM deliveries d
+    LEFT JOIN messages m ON m.seq = d.seq WHERE d.grp = ? AND d.seq = ? AND d.token = ? AND d.state < 2"""
+SQL_BURY = "INSERT OR REPLACE INTO dead_letters (grp, seq, body, attempts, error, at) VALUES (?, ?, ?, ?, ?, ?)"
+SQL_DROP = "DELETE FROM deliveries WHERE grp = ? AND seq = ?"
+SQL_SUSPECT = "UPDATE deliveries SET state = 3, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?"
+SQL_RETRY = "UPDATE deliveries SET state = 2, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?"
+SQL_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    """Figures of one consumer group (``StaggerQueue.groups()``).
+
+    Attributes:
+        acked: every message with seq <= acked is finished (acked or dead).
+        in_flight: handed to a member, not yet finished or nacked.
+        retrying: waiting for their next delivery after a failed one (nacked,
+            or back from an expired lease). Messages released unstarted (on
+            an exception or close) count in ``lag`` only, like new ones.
+        lag: ``last_seq - acked``.
+        dead: dead letters of the group.
+        delivered: every message with seq <= delivered was handed out at
+            least once.
+    """
+
+    acked: int
+    in_flight: int
+    retrying: int
+    lag: int
+    dead: int
+    delivered: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A message a group gave up on (``StaggerQueue.dead_letters()``).
+
+    Attributes:
+        seq: its seqno.
+        msg: the decoded message, or None when it cannot be decoded.
+        attempts: deliveries that ended without an ack.
+        error: the last error (nack text, exception text, expired lease, or
+            the decode error).
+        at: when it was dead-lettered (epoch seconds).
+        body: the stored bytes.
+    """
+
+    seq: int
+    msg: Any
+    attempts: int
+    error: Optional[str]
+    at: float
+    body: bytes = dataclasses.field(repr=False, default=b"")
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next delivery after ``attempts`` failed ones."""
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, min(attempts - 1, 62)))
+    return delay * random.uniform(1.0 - BACKOFF_JITTER, 1.0)
+
+
+def check_group(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`group` must be a non-empty string, not {name!r}")
+    return name
+
+
+# -- queries shared with StaggerQueue ------------------------------------
+
+
+def _last_seq(conn: apsw.Connection) -> int:
+    row = conn.execute(SQL_LAST_SEQ).fetchall()
+    return row[0][0] if row else 0
+
+
+def acked_of(conn: apsw.Connection, name: str, cursor: int) -> int:
+    lowest = conn.execute(SQL_LOWEST, (name,)).fetchall()[0][0]
+    return cursor if lowest is None else min(cursor, lowest - 1)
+
+
+def finished_floor(conn: apsw.Connection) -> Optional[int]:
+    """The highest seq every group has finished (None: no group exists).
+    Purge never goes beyond it."""
+    floor: Optional[int] = None
+    for name, cursor in conn.execute("SELECT name, cursor FROM groups").fetchall():
+        acked = acked_of(conn, name, cursor)
+        floor = acked if floor is None else min(floor, acked)
+    return floor
+
+
+def group_figures(conn: apsw.Connection) -> Dict[str, GroupInfo]:
+    """Every group's figures; run it inside one read transaction."""
+    last = _last_seq(conn)
+    result = {}
+    for name, cursor in conn.execute("SELECT name, cursor FROM groups ORDER BY name").fetchall():
+        counts = dict(
+            conn.execute(
+                "SELECT state >= 2 AND attempts > 0, count(*) FROM deliveries WHERE grp = ? AND (state < 2 OR attempts > 0) "
+                "GROUP BY 1",
+                (name,),
+            ).fetchall()
+        )
+        dead = conn.execute("SELECT count(*) FROM dead_letters WHERE grp = ?", (name,)).fetchall()[0][0]
+        acked = acked_of(conn, name, cursor)
+        result[name] = GroupInfo(
+            acked=acked,
+            in_flight=counts.get(0, 0),
+            retrying=counts.get(1, 0),
+            lag=last - acked,
+            dead=dead,
+            delivered=cursor,
+        )
+    return result
+
+
+def dead_letters(queue: "StaggerQueue", group: str) -> List[DeadLetter]:
+    """The group's dead letters, by seq (empty for an unknown group)."""
+    check_group(group)
+    rows = queue._storage.read(
+        lambda conn: conn.execute(
+            "SELECT seq, body, attempts, error, at FROM dead_letters WHERE grp = ? ORDER BY seq", (group,)
+        ).fetchall()
+    )
+    result = []
+    for seq, body, attempts, error, at in rows:
+        try:
+            msg = queue.decode(body, seq)
+        except DecodeError:
+            msg = None
+        result.append(DeadLetter(seq=seq, msg=msg, attempts=attempts, error=error, at=at, body=bytes(body)))
+    return result
+
+
+def requeue(queue: "StaggerQueue", group: str, seqs: Optional[Sequence[int]] = None) -> int:
+    """Move dead letters (all, or those in ``seqs``) back for delivery now,
+    with their attempts reset. Returns how many moved."""
+    check_group(group)
+    wanted = None if seqs is None else [check_int("seqs item", s, 1) for s in seqs]
+
+    def move(conn: apsw.Connection) -> int:
+        if wanted is None:
+            rows = conn.execute("SELECT seq, body FROM dead_letters WHERE grp = ?", (group,)).fetchall()
+        else:
+            rows = []
+            for s in wanted:
+                rows += conn.execute("SELECT seq, body FROM dead_letters WHERE grp = ? AND seq = ?", (group, s)).fetchall()
+        now = time.time()
+        for seq, body in rows:
+            conn.execute(
+                "INSERT OR REPLACE INTO deliveries (grp, seq, state, token, ready, attempts, body) VALUES (?, ?, 2, 0, ?, 0, ?)",
+                (group, seq, now, body),
+            )
+            conn.execute("DELETE FROM dead_letters WHERE grp = ? AND seq = ?", (group, seq))
+        return len(rows)
+
+    return queue._storage.write(move)
+
+
+def _bury(conn: apsw.Connection, group: str, seq: int, body: Optional[bytes], attempts: int, error: Optional[str]) -> None:
+    """Move one delivery to the dead letters."""
+    if body is not None:
+        conn.execute(SQL_BURY, (group, seq, body, attempts, error, time.time()))
+    conn.execute(SQL_DROP, (group, seq))
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+# -- the member -------------------------------------------------------------
+
+
+class GroupConsumer:
+    """One member of a consumer group: an iterator of ``(seq, msg)``.
+
+    Built by ``StaggerQueue.consume(group=...)``; use it as a context manager
+    (its ``__exit__`` sees an exception of the loop body). One member belongs
+    to one thread; any number of members, in any processes, compete.
+
+    A message is finished when the next one is asked for, at a normal close,
+    or by ``ack``; ``nack`` sends it back for a later delivery. See the module
+    docstring for leases and attempts.
+
+    Memory follows the file: every write transaction returns what it did, and
+    the member's own state changes only once it committed.
+    """
+
+    def __init__(
+        self,
+        queue: "StaggerQueue",
+        group: str,
+        *,
+        ack: int,
+        batch: int,
+        lease: float,
+        max_attempts: int,
+        wait: Union[bool, float],
+        purge: Optional[int] = None,
+    ) -> None:
+        self.group = check_group(group)
+        check_int("ack", ack)
+        self._batch = check_int("batch", batch, 1)
+        lease_s = check_seconds("lease", lease, allow_none=False)
+        if not lease_s:
+            raise ValueError("`lease` must be a positive number of seconds, not 0")
+        self._lease: float = lease_s
+        self._max_attempts = check_int("max_attempts", max_attempts, 1)
+        self._wait = check_wait(wait)
+        if purge is not None:
+            check_int("purge", purge)
+        self._queue = queue
+        self._storage = queue._storage
+        self._rows: Deque[Tuple[int, bytes]] = collections.deque()
+        self._token = 0  # of the claim in self._rows
+        self._renew_at = 0.0
+        self._in_hand: Optional[int] = None
+        self._in_hand_token = 0
+        self._done: List[Tuple[str, int, int]] = []  # finished locally, to delete at the next write
+        self._idle = False  # the last claim found nothing: look before taking the writer lock
+        self._idle_deadline: Optional[float] = None  # on self: under asyncio __next__ is re-entered
+        self._closed = False
+        self._entered = False
+        # Before the first claim (the Waiter protocol): no ring is missed.
+        self._waiter = Waiter(self._storage)
+        self._create(ack)
+        if purge is not None:
+            queue.purge(purge)
+
+    def _create(self, ack: int) -> None:
+        def create(conn: apsw.Connection) -> None:
+            if conn.execute(SQL_GROUP, (self.group,)).fetchall():
+                return  # an existing group: its own position wins, `ack` is ignored
+            last = _last_seq(conn)
+            if ack > last:
+                raise AckOutOfRangeError(
+                    f"ack={ack} is beyond the last seqno ever written to {self._queue.path} ({last}): "
+                    "that message was never written"
+                )
+            conn.execute(SQL_CREATE, (self.group, ack, time.time()))
+
+        exists = self._storage.read(lambda conn: bool(conn.execute(SQL_GROUP, (self.group,)).fetchall()))
+        if not exists:
+            self._storage.write(create, notify=False)
+
+    # -- iteration -------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Tuple[int, Any]]:
+        try:
+            while True:
+                try:
+                    item = self.__next__()
+                except StopIteration:
+                    return
+                yield item
+        except GeneratorExit:
+            # The loop was left early, by `break` or by an exception: Python
+            # does not tell them apart here (both just drop the iterator).
+            # Inside `with`, __exit__ knows and decides. Without it, release
+            # the unstarted rest at once (always safe) and leave the message
+            # in hand as it is: the next `next()`, `ack` or `close()` finishes
+            # it; if none comes, its lease expires and it is delivered again.
+            conn = self._storage._conn
+            if conn is not None and conn.in_transaction:
+                raise  # finalized from inside a transaction (a GC pass): leave it to the lease
+            if not self._entered and not self._closed:
+                try:
+                    self._end(keep_in_hand=True)
+                except StaggerError:
+                    pass  # the lease covers it
+            raise
+
+    def __next__(self) -> Tuple[int, Any]:
+        """Finish the message in hand, then return the next ``(seq, msg)``.
+
+        Raises:
+            StopIteration: closed, queue closed, nothing claimable with
+                ``wait=False``, or ``wait`` seconds without anything claimable.
+        """
+        if self._in_hand is not None:
+            self._done.append((self.group, self._in_hand, self._in_hand_token))
+            self._in_hand = None
+        while True:
+            if self._closed or self._storage.closed:
+                raise StopIteration
+            if self._rows:
+                if time.time() >= self._renew_at:
+                    self._safely(self._renew)
+                    continue
+                seq, body = self._rows.popleft()
+                try:
+                    msg = self._queue.decode(body, seq)
+                except DecodeError as e:
+                    self._safely(lambda: self._bury_undecodable(seq, self._token, str(e)))
+                    continue
+                self._in_hand, self._in_hand_token = seq, self._token
+                self._idle_deadline = None
+                return seq, msg
+            next_ready = self._safely(self._claim)
+            if self._rows:
+                self._waiter.reset()
+                continue
+            # Nothing claimable. Scheduled messages that are due become
+            # messages now (no daemon does it).
+            until_due = self._safely(self._queue._until_due)
+            if until_due is not None and until_due <= 0:
+                self._safely(self._queue._promote_due)
+                continue
+            if self._wait is False:
+                raise StopIteration
+            now = time.time()
+            timeout: Optional[float] = None
+            if self._wait is not True:
+                if self._idle_deadline is None:
+                    self._idle_deadline = time.monotonic() + self._wait
+                timeout = self._idle_deadline - time.monotonic()
+                if timeout <= 0:
+                    raise StopIteration
+            for until in (
+                # A redelivery (expired lease, retry) falls due then: wake for
+                # it with no new write.
+                None if next_ready is None else max(0.0, next_ready - now) + 0.001,
+                until_due,
+            ):
+                if until is not None:
+                    timeout = until if timeout is None else min(timeout, until)
+            if not self._waiter.wait(timeout):
+                raise StopIteration
+
+    def _safely(self, fn: Any) -> Any:
+        """Run a storage step; a queue closed under us ends the loop quietly."""
+        try:
+            return fn()
+        except QueueClosedError:
+            raise StopIteration from None
+
+    def _write(self, fn: Any, *, notify: bool = False) -> Any:
+        """``Storage.write`` of ``fn(conn, done)``, where ``done`` are the
+        implicit acks to delete in the same transaction; if it fails they are
+        kept for the next write."""
+        done, self._done = self._done, []
+        try:
+            return self._storage.write(lambda conn: fn(conn, done), notify=notify)
+        except BaseException:
+            self._done[:0] = done
+            raise
+
+    # -- the write transactions (they touch the file only) ---------------
+
+    def _claim(self) -> Optional[float]:
+        """Finish what is done, claim the next batch into self._rows.
+        Returns, when nothing was claimed, when the next delivery falls due."""
+        if self._idle and not self._done:
+            # Nothing was claimable last time: look (a read) before queuing
+            # for the writer lock, so idle members cost writers nothing.
+            now = time.time()
+            claimable, ready = self._storage.read(lambda conn: self._lookup(conn, now), snapshot=True)
+            if not claimable:
+                return ready
+        rows, token, ready = self._write(self._claim_tx)
+        self._idle = not rows
+        if rows:
+            self._rows.extend(rows)
+            self._token = token
+            self._renew_at = time.time() + self._lease * RENEW_SHARE
+        return ready
+
+    def _lookup(self, conn: apsw.Connection, now: float) -> Tuple[bool, Optional[float]]:
+        """(something may be claimable, when the next delivery falls due)."""
+        row = conn.execute(SQL_GROUP, (self.group,)).fetchall()
+        if not row or _last_seq(conn) > row[0][0]:
+            return True, None
+        ready = conn.execute(SQL_NEXT_READY, (self.group,)).fetchall()[0][0]
+        return (ready is not None and ready <= now), ready
+
+    def _claim_tx(self, conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Tuple[List[Tuple[int, bytes]], int, Optional[float]]:
+        """One transaction: delete the finished, sweep expired leases, claim.
+
+        Due redeliveries come first (in the order they fell due), then new
+        messages in seqno order. A message back from an expired batch lease
+        is claimed alone (see the module docstring)."""
+        now = time.time()
+        group = self.group
+        if done:
+            conn.executemany(SQL_FINISH, done)
+        row = conn.execute(SQL_GROUP, (group,)).fetchall()
+        if row:
+            cursor, token = row[0]
+        else:  # the group row vanished (a file edited by hand): start over after nothing
+            conn.execute(SQL_CREATE, (group, 0, now))
+            cursor, token = 0, 0
+        token += 1
+        deadline = now + self._lease
+        alone: Optional[Tuple[int, bytes]] = None
+        again: List[Tuple[int, bytes]] = []
+        for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, self._batch)).fetchall():
+            if body is None:  # cannot happen: purge stops below unfinished messages
+                conn.execute(SQL_DROP, (group, seq))
+                continue
+            if state < WAITING:  # a lease expired: the member died or overran it
+                attempts += 1
+                error = f"lease of {self._lease:g} s expired (the member died or held it too long)"
+                if state == CLAIMED_ALONE and attempts >= self._max_attempts:
+                    _bury(conn, group, seq, body, attempts, error)
+                    continue
+                conn.execute(SQL_SUSPECT, (now, attempts, error, group, seq))
+                state = WAITING_ALONE
+            if state == WAITING_ALONE:
+                if alone is None:
+                    alone = (seq, body)
+            else:
+                again.append((seq, body))
+        if alone is not None:
+            # Handed out on its own: this claim is the message's start mark.
+            conn.execute(SQL_TAKE, (CLAIMED_ALONE, token, deadline, group, alone[0]))
+            rows = [alone]
+        else:
+            conn.executemany(SQL_TAKE, [(CLAIMED, token, deadline, group, seq) for seq, _ in again])
+            rows = again
+            want = self._batch - len(again)
+            if want > 0:
+                new = conn.execute(SQL_NEW, (cursor, want)).fetchall()
+                if new:
+                    conn.executemany(SQL_INSERT, [(group, seq, token, deadline) for seq, _ in new])
+                    cursor = new[-1][0]
+                    rows = rows + new
+                if len(new) < want:
+                    cursor = max(cursor, _last_seq(conn))  # everything above was purged or never written
+        if rows:
+            conn.execute(SQL_SET_GROUP, (cursor, token, group))
+            return rows, token, None
+        conn.execute(SQL_SET_GROUP, (cursor, token - 1, group))
+        return [], 0, conn.execute(SQL_NEXT_READY, (group,)).fetchall()[0][0]
+
+    def _renew(self) -> None:
+        """Push the lease of what this member still holds; drop what it lost."""
+        token, expected = self._token, len(self._rows)
+
+        def renew(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Optional[set]:
+            if done:
+                conn.executemany(SQL_FINISH, done)
+            conn.execute(SQL_RENEW, (time.time() + self._lease, self.group, token))
+            if conn.changes() == expected:
+                return None
+            return {r[0] for r in conn.execute(SQL_HELD, (self.group, token)).fetchall()}
+
+        held = self._write(renew)
+        if held is not None and token == self._token:
+            kept = [r for r in self._rows if r[0] in held]
+            self._rows.clear()
+            self._rows.extend(kept)
+        self._renew_at = time.time() + self._lease * RENEW_SHARE
+
+    def _bury_undecodable(self, seq: int, token: int, error: str) -> None:
+        def bury(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> None:
+            if done:
+                conn.executemany(SQL_FINISH, done)
+            row = conn.execute(SQL_ROW, (self.group, seq, token)).fetchall()
+            if row:
+                attempts, _, body = row[0]
+                _bury(conn, self.group, seq, body, attempts + 1, error)
+
+        self._write(bury)
+
+    # -- ack / nack ------------------------------------------------------
+
+    def _token_of(self, seq: int) -> Optional[int]:
+        if seq == self._in_hand:
+            return self._in_hand_token
+        if any(s == seq for s, _ in self._rows):
+            return self._token
+        return None
+
+    def _forget(self, seq: int) -> None:
+        if seq == self._in_hand:
+            self._in_hand = None
+        elif any(s == seq for s, _ in self._rows):
+            kept = [r for r in self._rows if r[0] != seq]
+            self._rows.clear()
+            self._rows.extend(kept)
+
+    def ack(self, seq: int) -> bool:
+        """Finish message ``seq`` now.
+
+        Returns True when it took effect; False when this member no longer
+        holds it (its lease expired and it may be with another member, it was
+        already finished, or it was never handed to this member).
+        """
+        check_int("seq", seq, 1)
+        token = self._token_of(seq)
+        if token is None:
+            pending = [d for d in self._done if d[1] == seq]
+            if not pending:
+                return False
+            # Finished locally when the next message was asked for: make it so now.
+            token = pending[0][2]
+            self._done = [d for d in self._done if d[1] != seq]
+
+        def finish(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> bool:
+            if done:
+                conn.executemany(SQL_FINISH, done)
+            conn.execute(SQL_FINISH, (self.group, seq, token))
+            return conn.changes() > 0
+
+        result = self._write(finish)
+        self._forget(seq)
+        return result
+
+    def nack(self, seq: int, *, delay: Optional[float] = None, error: Optional[str] = None, dead: bool = False) -> bool:
+        """Send message ``seq`` back for a later delivery, to any member.
+
+        Args:
+            delay: seconds before it is delivered again; None: exponential
+                backoff with jitter (see ``backoff``).
+            error: why, kept as the message's last error (shown by
+                ``dead_letters``).
+            dead: dead-letter it now, whatever its attempts (a failure that
+                no retry can mend, e.g. an HTTP 400 from ``forward``).
+
+        Returns True when it took effect, False when this member no longer
+        holds the message (as ``ack``). After ``max_attempts`` failed
+        deliveries the message goes to the dead letters instead.
+
+        Raises:
+            ValueError: a bad ``seq`` or ``delay``.
+        """
+        check_int("seq", seq, 1)
+        if delay is not None:
+            delay = check_seconds("delay", delay)
+        token = self._token_of(seq)
+        if token is None:
+            return False
+        result = self._write(lambda conn, done: self._nack_tx(conn, done, seq, token, delay, error, dead), notify=True)
+        self._forget(seq)
+        return result
+
+    def _nack_tx(
+        self,
+        conn: apsw.Connection,
+        done: List[Tuple[str, int, int]],
+        seq: int,
+        token: int,
+        delay: Optional[float],
+        error: Optional[str],
+        dead: bool = False,
+    ) -> bool:
+        if done:
+            conn.executemany(SQL_FINISH, done)
+        row = conn.execute(SQL_ROW, (self.group, seq, token)).fetchall()
+        if not row:
+            return False
+        attempts, _, body = row[0]
+        attempts += 1
+        if dead or attempts >= self._max_attempts:
+            _bury(conn, self.group, seq, body, attempts, error)
+            return True
+        due = time.time() + (backoff(attempts) if delay is None else delay)
+        conn.execute(SQL_RETRY, (due, attempts, error, self.group, seq))
+        return True
+
+    # -- ending ----------------------------------------------------------
+
+    def _end(self, *, failure: Optional[str] = None, release_in_hand: bool = False, keep_in_hand: bool = False) -> None:
+        """One write: finish what is done (and the message in hand, unless
+        ``failure``: nack it with that error; ``release_in_hand``; or
+        ``keep_in_hand``), and release the unstarted rest at once."""
+        in_hand, in_hand_token = (None, 0) if keep_in_hand else (self._in_hand, self._in_hand_token)
+        unstarted = [(seq, self._token) for seq, _ in self._rows]
+        if in_hand is not None and release_in_hand:
+            unstarted.append((in_hand, in_hand_token))
+        elif in_hand is not None and failure is None:
+            self._done.append((self.group, in_hand, in_hand_token))
+        nack = failure is not None and in_hand is not None
+        if self._done or unstarted or nack:
+
+            def end(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> None:
+                if nack:
+                    self._nack_tx(conn, done, in_hand, in_hand_token, None, failure)  # type: ignore[arg-type]
+                elif done:
+                    conn.executemany(SQL_FINISH, done)
+                if unstarted:
+                    now = time.time()
+                    conn.executemany(SQL_RELEASE, [(now, self.group, seq, token) for seq, token in unstarted])
+
+            try:
+                self._write(end, notify=bool(unstarted) or nack)
+            except QueueClosedError:
+                self._done.clear()  # what it held comes back when its lease expires
+        self._rows.clear()
+        if not keep_in_hand:
+            self._in_hand = None
+
+    def close(self) -> None:
+        """Finish the message in hand, release the unstarted rest at once, and
+        stop. Idempotent; never raises because a lease was lost."""
+        if self._closed:
+            return
+        try:
+            self._end()
+        finally:
+            self._closed = True
+            self._waiter.close()
+
+    def __enter__(self) -> "GroupConsumer":
+        self._entered = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+        if self._closed:
+            return
+        if exc is None:
+            self.close()
+            return
+        try:
+            if isinstance(exc, Exception):
+                self._end(failure=_error_text(exc))
+            else:  # KeyboardInterrupt, SystemExit: not the message's fault
+                self._end(release_in_hand=True)
+        except StaggerError:
+            pass  # do not hide the loop's own exception; leases cover the rest
+        finally:
+            self._closed = True
+            self._waiter.close()
+
+    def __repr__(self) -> str:
+        return f"<GroupConsumer group={self.group!r} of {self._queue.path!r}>"

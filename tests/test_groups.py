@@ -1,0 +1,415 @@
+"""Consumer groups (SPEC §4) within one process: members are separate
+consumers (and threads) on a real queue file. Behaviour across real processes
+(SIGKILL, os._exit, four competing members) is in test_groups_procs.py."""
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+import stagger_sqlite
+from stagger_sqlite import AckOutOfRangeError, DeadLetter, GroupInfo, StaggerQueue
+
+from .helpers import wait_for
+
+
+@pytest.fixture
+def q(qpath):
+    with StaggerQueue(qpath, durability="normal") as queue:
+        yield queue
+
+
+def take(q, group, n, **kw):
+    """Exactly n seqs from one member, waiting for them (and no longer)."""
+    kw.setdefault("wait", 30)
+    with q.consume(group=group, **kw) as c:
+        return [next(c)[0] for _ in range(n)]
+
+
+def drain(q, group, **kw):
+    kw.setdefault("wait", False)
+    with q.consume(group=group, **kw) as c:
+        return [seq for seq, _ in c]
+
+
+def test_exports():
+    assert "GroupInfo" in stagger_sqlite.__all__ and "DeadLetter" in stagger_sqlite.__all__
+    info = GroupInfo(acked=1, in_flight=0, retrying=0, lag=0, dead=0, delivered=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.acked = 2
+
+
+def test_group_sees_every_message_in_order_and_acks_on_next_and_close(q):
+    q.write_many([{"n": i} for i in range(1, 121)])
+    with q.consume(group="g", batch=50, wait=False) as c:
+        got = [(seq, msg["n"]) for seq, msg in c]
+    assert got == [(i, i) for i in range(1, 121)]
+    info = q.groups()["g"]
+    assert (info.acked, info.in_flight, info.retrying, info.lag, info.dead) == (120, 0, 0, 0, 0)
+    assert drain(q, "g") == []  # finished stays finished
+
+
+def test_close_finishes_message_in_hand_and_releases_the_rest(q):
+    q.write_many(range(10))
+    c = q.consume(group="g", batch=5, wait=False)
+    assert next(c)[0] == 1
+    assert next(c)[0] == 2
+    c.close()
+    c.close()  # idempotent
+    assert q.groups()["g"].acked == 2
+    # 3..5 were claimed but unstarted: released at once (no lease wait), no attempt counted
+    assert drain(q, "g", lease=30) == list(range(3, 11))
+    assert q.groups()["g"].retrying == 0
+
+
+def test_two_groups_each_get_everything(q):
+    q.write_many(range(300))
+    a = q.consume(group="a", batch=7, wait=False)
+    b = q.consume(group="b", batch=50, wait=False)
+    got_a, got_b = [], []
+    for (sa, _), (sb, _) in zip(a, b):  # interleaved, so they run side by side
+        got_a.append(sa)
+        got_b.append(sb)
+    got_a += [s for s, _ in a]
+    got_b += [s for s, _ in b]
+    a.close()
+    b.close()
+    assert got_a == got_b == list(range(1, 301))
+    assert {n: i.acked for n, i in q.groups().items()} == {"a": 300, "b": 300}
+
+
+def test_new_group_start_point_and_ack_ignored_for_existing_group(q):
+    q.write_many(range(10))
+    assert drain(q, "late", ack=7) == [8, 9, 10]
+    q.write_many(range(5))
+    assert drain(q, "late", ack=0) == [11, 12, 13, 14, 15]  # existing group: ack ignored
+    assert drain(q, "fresh", ack=15) == []
+    assert q.groups()["fresh"].acked == 15
+    with pytest.raises(AckOutOfRangeError):
+        q.consume(group="beyond", ack=16)
+    assert "beyond" not in q.groups()
+    q.consume(group="late", ack=1000).close()  # existing group: no check either
+
+
+def test_bad_arguments(q):
+    for kw in (
+        {"group": ""},
+        {"group": 5},
+        {"group": "g", "lease": 0},
+        {"group": "g", "lease": -1},
+        {"group": "g", "max_attempts": 0},
+        {"group": "g", "batch": 0},
+        {"group": "g", "ack": -1},
+        {"group": "g", "wait": "soon"},
+    ):
+        with pytest.raises(ValueError):
+            q.consume(**kw)
+
+
+def test_stale_ack_after_lease_expiry_is_fenced(q):
+    q.write_many(["a", "b", "c"])
+    old = q.consume(group="g", batch=3, lease=0.5, wait=False)
+    assert next(old)[0] == 1
+    # The old member stalls; another member gets its messages once the lease expires.
+    new = q.consume(group="g", batch=3, lease=30, wait=30)
+    seq, msg = next(new)
+    assert (seq, msg) == (1, "a")
+    assert old.ack(1) is False  # late ack from the former holder: no effect
+    assert old.nack(1, error="late") is False
+    assert q.groups()["g"].in_flight >= 1  # the new holder's delivery is intact
+    assert new.ack(1) is True
+    assert new.ack(1) is False  # already finished
+    old.close()  # never raises because its lease was lost
+    rest = [next(new)[0], next(new)[0]]  # 2 and 3 are redelivered too (old lost them)
+    new.close()
+    assert sorted(rest) == [2, 3]
+    assert q.groups()["g"].acked == 3
+
+
+def test_lease_is_renewed_while_a_member_keeps_handing_out(q):
+    q.write_many(range(30))
+    other_got = []
+    stop = threading.Event()
+
+    def other():
+        with q.consume(group="g", batch=30, lease=30, wait=0.2) as c:
+            while not stop.is_set():
+                other_got.extend(s for s, _ in c)
+
+    with q.consume(group="g", batch=30, lease=1.0, wait=False) as c:
+        got = [next(c)[0]]  # this member now holds all 30
+        t = threading.Thread(target=other)
+        t.start()
+        for seq, _ in c:  # 30 x 0.1 s = 3 s, three times the lease
+            time.sleep(0.1)
+            got.append(seq)
+    stop.set()
+    t.join()
+    assert got == list(range(1, 31))
+    assert other_got == []
+
+
+def test_nack_retry_dead_letter_requeue(q):
+    q.write({"job": 1})
+    times, errors = [], []
+    with q.consume(group="g", max_attempts=3, wait=30) as c:
+        for seq, msg in c:
+            times.append(time.monotonic())
+            assert c.nack(seq, delay=0.3, error=f"failure {len(times)}") is True
+            if len(times) == 3:
+                break
+    assert all(b - a >= 0.3 for a, b in zip(times, times[1:]))
+    info = q.groups()["g"]
+    assert (info.acked, info.dead, info.retrying, info.in_flight) == (1, 1, 0, 0)
+    [dead] = q.dead_letters("g")
+    assert isinstance(dead, DeadLetter)
+    assert (dead.seq, dead.msg, dead.attempts, dead.error) == (1, {"job": 1}, 3, "failure 3")
+    assert q.requeue("g") == 1
+    assert q.dead_letters("g") == []
+    assert q.groups()["g"].acked == 0
+    assert drain(q, "g") == [1]
+    assert q.groups()["g"].acked == 1
+
+
+def test_nack_without_delay_backs_off(q):
+    q.write("x")
+    with q.consume(group="g", wait=False) as c:
+        seq, _ = next(c)
+        before = time.time()
+        assert c.nack(seq) is True
+    assert drain(q, "g") == []  # not due yet: backoff of 0.5-1 s after the first failure
+    with q.consume(group="g", wait=30) as c:
+        seq, _ = next(c)
+        assert seq == 1 and time.time() - before >= 0.5 * stagger_sqlite.groups.BACKOFF_BASE
+    assert stagger_sqlite.groups.backoff(100) <= stagger_sqlite.groups.BACKOFF_CAP
+
+
+def test_dead_letter_survives_purge_and_requeue_restores_it(q):
+    q.write_many(["poison", "fine"])
+    with q.consume(group="g", max_attempts=1, wait=False) as c:
+        for seq, msg in c:
+            if msg == "poison":
+                c.nack(seq, error="bad")
+    assert q.groups()["g"].acked == 2  # a dead letter counts as finished
+    assert q.purge() == 2
+    assert [(d.seq, d.msg) for d in q.dead_letters("g")] == [(1, "poison")]
+    assert q.requeue("g", [1]) == 1
+    with q.consume(group="g", wait=False) as c:
+        assert [(s, m) for s, m in c] == [(1, "poison")]
+    assert q.groups()["g"].acked == 2
+
+
+def test_exception_in_body_nacks_in_hand_and_releases_rest_at_once(q):
+    q.write_many(range(10))
+    with pytest.raises(RuntimeError):
+        with q.consume(group="g", batch=10, lease=30, max_attempts=1, wait=False) as c:
+            for seq, _ in c:
+                if seq == 3:
+                    raise RuntimeError("boom on 3")
+    [dead] = q.dead_letters("g")
+    assert (dead.seq, dead.attempts, dead.error) == (3, 1, "boom on 3")
+    info = q.groups()["g"]
+    assert (info.acked, info.in_flight, info.retrying, info.dead) == (3, 0, 0, 1)  # dead counts as finished
+    assert drain(q, "g", lease=30) == list(range(4, 11))  # released: no lease wait
+
+
+def test_exception_in_body_retries_with_backoff(q):
+    q.write_many(range(3))
+    with pytest.raises(KeyError):
+        with q.consume(group="g", batch=10, wait=False) as c:
+            for seq, _ in c:
+                raise KeyError("missing")
+    assert q.groups()["g"].retrying == 1
+    got = take(q, "g", 3)  # 2 and 3 at once, then 1 when its retry falls due
+    assert got == [2, 3, 1]
+    assert q.groups()["g"].acked == 3
+
+
+def test_bare_for_loop_left_by_exception_releases_rest_and_leases_the_one_in_hand(q):
+    q.write_many(range(5))
+    with pytest.raises(ValueError):
+        for seq, _ in q.consume(group="g", batch=5, lease=1.0, wait=False):
+            raise ValueError("no with block")
+    # Without `with`, the consumer cannot tell an exception from a break:
+    # the unstarted rest is released at once, the one in hand waits out its lease.
+    assert drain(q, "g", lease=30) == [2, 3, 4, 5]
+    assert take(q, "g", 1, lease=30) == [1]
+    assert q.groups()["g"].acked == 5
+
+
+def test_iterating_in_pieces_finishes_everything(q):
+    q.write_many(range(20))
+    c = q.consume(group="g", batch=3, wait=False)
+    import itertools
+
+    first = [s for s, _ in itertools.islice(c, 5)]
+    rest = [s for s, _ in c]
+    c.close()
+    assert first + rest == list(range(1, 21))
+    assert q.groups()["g"] == GroupInfo(acked=20, in_flight=0, retrying=0, lag=0, dead=0, delivered=20)
+
+
+def test_waiting_member_picks_up_expired_lease_without_new_write(q):
+    q.write("held")
+    holder = q.consume(group="g", lease=0.5, wait=False)
+    assert next(holder)[0] == 1
+    last = q.last_seq
+    got = []
+    waiter = threading.Thread(target=lambda: got.extend(s for s, _ in [next(q.consume(group="g", wait=30))]))
+    started = time.monotonic()
+    waiter.start()
+    waiter.join(60)
+    assert got == [1]
+    assert q.last_seq == last  # nobody wrote anything
+    assert time.monotonic() - started < 30
+    holder.close()
+
+
+def test_wait_seconds_stops_when_idle(q):
+    q.write(1)
+    started = time.monotonic()
+    assert drain(q, "g", wait=0.3) == [1]
+    assert time.monotonic() - started >= 0.3
+
+
+def test_purge_keeps_unfinished_messages(q):
+    q.write_many(range(10))
+    with q.consume(group="slow", batch=3, wait=False) as c:
+        for seq, _ in c:
+            if seq == 4:
+                break  # 4 finished (normal close), 5 and 6 released
+    drain(q, "fast")
+    assert q.groups()["slow"].acked == 4
+    assert q.purge() == 4
+    assert len(q) == 6
+    assert q.purge(8) == 0
+    with q.consume(ack=9, purge=9, wait=False) as c:  # a plain consumer's purge= is bounded too
+        assert [s for s, _ in c] == [10]
+    assert len(q) == 6
+    assert drain(q, "slow") == list(range(5, 11))
+    assert q.purge() == 6
+
+
+def test_purge_bound_with_out_of_order_finishes(q):
+    q.write_many(range(6))
+    a = q.consume(group="g", batch=2, wait=False)
+    b = q.consume(group="g", batch=2, wait=False)
+    assert next(a)[0] == 1  # a holds 1 (and 2)
+    assert [s for s, _ in b] == [3, 4, 5, 6]
+    b.close()
+    info = q.groups()["g"]
+    assert info.acked == 0 and info.in_flight == 2
+    assert q.purge() == 0
+    assert a.ack(1) is True
+    assert q.groups()["g"].acked == 1
+    a.close()  # releases 2
+    assert q.groups()["g"].acked == 1
+    assert drain(q, "g") == [2]
+    assert q.groups()["g"].acked == 6
+
+
+def test_group_info_figures(q):
+    q.write_many(range(10))
+    assert q.groups() == {}
+    with q.consume(group="g", batch=4, max_attempts=1, wait=False) as c:
+        assert next(c)[0] == 1
+        assert next(c)[0] == 2  # 1 finished locally
+        c.nack(2, delay=60, error="later")  # attempts 1 >= 1: dead
+        assert next(c)[0] == 3
+        c2 = q.consume(group="g", batch=2, max_attempts=5, wait=False)
+        assert next(c2)[0] == 5
+        assert c2.nack(5, delay=60, error="retry") is True
+        info = q.groups()["g"]
+        # 1 finished, 2 dead (finished too); 3, 4 claimed by c; 6 claimed by c2; 5 waits for a retry
+        assert info == GroupInfo(acked=2, in_flight=3, retrying=1, lag=8, dead=1, delivered=6)
+        c2.close()
+    info = q.groups()["g"]
+    # 3 finished at close; 4 and 6 released (lag only), 5 still waits
+    assert (info.acked, info.in_flight, info.retrying, info.dead, info.lag) == (3, 0, 1, 1, 7)
+    stats = q.stats()
+    assert stats["groups"] == {"g": dataclasses.asdict(info)}
+
+
+def test_undecodable_message_is_dead_lettered(qpath):
+    with StaggerQueue(qpath, codec="raw") as raw:
+        raw.write(b"\xa1")  # truncated cbor map
+    with StaggerQueue(qpath) as q:
+        q.write_many(["ok", "fine"])
+        q.write  # noqa: B018
+        with q.consume(group="g", wait=False) as c:
+            got = [(s, m) for s, m in c]
+        assert got == [(2, "ok"), (3, "fine")]
+        [dead] = q.dead_letters("g")
+        assert dead.seq == 1 and dead.msg is None and dead.body == b"\xa1"
+        assert "seq=1" in dead.error
+        assert q.groups()["g"].acked == 3
+
+
+def test_explicit_ack_and_nack_of_unknown_seq(q):
+    q.write_many(range(3))
+    with q.consume(group="g", batch=1, wait=False) as c:
+        seq, _ = next(c)
+        assert c.ack(seq) is True
+        assert c.ack(seq) is False
+        assert c.nack(99) is False
+        assert c.ack(2) is False  # not handed to this member
+        seq, _ = next(c)
+        assert seq == 2
+    assert q.groups()["g"].acked == 2
+
+
+def test_queue_closed_while_waiting_ends_quietly(q):
+    got = []
+
+    def member():
+        with q.consume(group="g", wait=True) as c:
+            got.extend(c)
+
+    t = threading.Thread(target=member)
+    t.start()
+    time.sleep(0.2)
+    q.close()
+    t.join(30)
+    assert not t.is_alive() and got == []
+
+
+def test_members_in_threads_share_work_exactly_once(q):
+    q.write_many(range(2000))
+    results = [[] for _ in range(4)]
+
+    def member(i):
+        with q.consume(group="g", batch=10, wait=False) as c:
+            results[i].extend(s for s, _ in c)
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = sorted(s for r in results for s in r)
+    assert everything == list(range(1, 2001))
+    wait_for(lambda: q.groups()["g"].acked == 2000, 5)
+
+
+def test_scheduled_messages_reach_a_group(q):
+    q.schedule({"later": True}, delay=0.3)
+    with q.consume(group="g", wait=30) as c:
+        seq, msg = next(c)
+    assert msg == {"later": True}
+    assert q.groups()["g"].acked == seq
+
+
+def test_group_under_asyncio(q):
+    import asyncio
+
+    async def main():
+        got = []
+        async with q.aconsume(group="g", lease=0.5, wait=0.5) as c:
+            await q.awrite_many(["a", "b"])
+            async for seq, msg in c:
+                got.append(msg)
+        return got
+
+    assert asyncio.run(main()) == ["a", "b"]
+    assert q.groups()["g"].acked == 2

@@ -1,0 +1,140 @@
+"""Consumer groups across real processes: competing members, SIGKILL mid-batch,
+a message that kills its worker every time (SPEC §4)."""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+from stagger_sqlite import StaggerQueue
+
+from .helpers import wait_for
+
+CTX = mp.get_context("fork")
+
+
+def member(path, group, out, start, batch, lease, wait):
+    """Consume until idle for ``wait`` s; report the seqs handled."""
+    q = StaggerQueue(path, durability="normal")
+    start.wait(60)
+    got = []
+    with q.consume(group=group, batch=batch, lease=lease, wait=wait) as c:
+        for seq, msg in c:
+            assert msg == {"n": seq}
+            got.append(seq)
+    out.put((os.getpid(), got))
+    q.close()
+
+
+def stalling_member(path, group, ready, batch, lease):
+    """Take a batch, handle 3 messages, then hang until killed."""
+    q = StaggerQueue(path, durability="normal")
+    with q.consume(group=group, batch=batch, lease=lease, wait=False) as c:
+        for i, (seq, _) in enumerate(c):
+            if i == 3:
+                ready.set()
+                time.sleep(600)
+
+
+def killing_member(path, log, killer, batch, lease, max_attempts):
+    """Handle messages, logging each start; message ``killer`` kills the process."""
+    q = StaggerQueue(path, durability="normal")
+    with q.consume(group="g", batch=batch, lease=lease, max_attempts=max_attempts, wait=3 * lease) as c:
+        for seq, _ in c:
+            with open(log, "a") as f:
+                f.write(f"{seq}\n")
+            if seq == killer:
+                os._exit(3)
+
+
+def test_four_member_processes_share_20000_messages_exactly_once(qpath):
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([{"n": i} for i in range(1, 20001)])
+        q.consume(group="g", wait=False).close()
+    out, start = CTX.Queue(), CTX.Event()
+    procs = [CTX.Process(target=member, args=(qpath, "g", out, start, 50, 30.0, 1.0)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    everything = sorted(s for _, got in results for s in got)
+    assert everything == list(range(1, 20001))  # every message exactly once
+    assert sum(1 for _, got in results if got) >= 2  # spread over several members
+    for _, got in results:
+        assert got == sorted(got)  # each member sees its share in seqno order
+    with StaggerQueue(qpath) as q:
+        info = q.groups()["g"]
+    assert (info.acked, info.in_flight, info.retrying, info.lag, info.dead) == (20000, 0, 0, 0, 0)
+
+
+def test_two_groups_in_processes_each_get_everything(qpath):
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([{"n": i} for i in range(1, 2001)])
+    out, start = CTX.Queue(), CTX.Event()
+    procs = [
+        CTX.Process(target=member, args=(qpath, group, out, start, 20, 30.0, 1.0))
+        for group in ("a", "a", "b", "b")
+    ]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    by_pid = dict(results)
+    a = sorted(by_pid[procs[0].pid] + by_pid[procs[1].pid])
+    b = sorted(by_pid[procs[2].pid] + by_pid[procs[3].pid])
+    assert a == b == list(range(1, 2001))
+
+
+def test_member_killed_mid_batch_loses_nothing(qpath):
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([{"n": i} for i in range(1, 101)])
+    ready = CTX.Event()
+    victim = CTX.Process(target=stalling_member, args=(qpath, "g", ready, 20, 1.0))
+    victim.start()
+    assert ready.wait(60)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(30)
+    assert victim.exitcode == -signal.SIGKILL
+    with StaggerQueue(qpath, durability="normal") as q:
+        assert q.groups()["g"].in_flight == 20  # still claimed by the dead member
+        got = []
+        with q.consume(group="g", batch=20, lease=30, wait=30) as c:
+            for seq, msg in c:
+                got.append(seq)
+                if len(set(got)) == 100:
+                    break
+        assert sorted(set(got)) == list(range(1, 101))  # the dead member's 20 included
+        assert len(got) == 100  # each once to this member
+        wait_for(lambda: q.groups()["g"].acked == 100, 30)
+
+
+def test_message_that_kills_its_worker_is_dead_lettered_alone(qpath, tmp_path):
+    log = str(tmp_path / "starts.log")
+    max_attempts, killer = 3, 5
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([{"n": i} for i in range(1, 21)])
+    deadline = time.monotonic() + 120
+    with StaggerQueue(qpath) as q:
+        while True:
+            info = q.groups().get("g")
+            if info is not None and info.acked == 20:
+                break
+            assert time.monotonic() < deadline, f"not finished: {info}"
+            p = CTX.Process(target=killing_member, args=(qpath, log, killer, 10, 1.0, max_attempts))
+            p.start()
+            p.join(60)
+            assert p.exitcode in (0, 3)
+        [dead] = q.dead_letters("g")
+        assert (dead.seq, dead.msg, dead.attempts) == (killer, {"n": killer}, max_attempts)
+        assert "lease" in dead.error
+        info = q.groups()["g"]
+        assert (info.acked, info.dead, info.in_flight, info.retrying) == (20, 1, 0, 0)
+    with open(log) as f:
+        starts = [int(line) for line in f]
+    assert starts.count(killer) == max_attempts  # started exactly max_attempts times
+    assert set(starts) == set(range(1, 21))  # the others of its batch were handled
