@@ -48,10 +48,13 @@ class Consumer:
             check_int("purge", purge)
         self._wait = check_wait(wait)
         self._queue = queue
+        self._storage = queue._storage
+        self._loads = queue._codec.loads
         self._batch = batch
         self.position = ack
         self._rows: Deque[Tuple[int, bytes]] = collections.deque()
         self._closed = False
+        self._idle_deadline: Optional[float] = None
         last = queue.last_seq  # also refuses a closed queue
         if ack > last:
             raise AckOutOfRangeError(
@@ -73,7 +76,15 @@ class Consumer:
                 the consumer has moved past it).
             StopIteration: see the class docstring.
         """
-        deadline: Optional[float] = None
+        # Fast path, a message already read: this runs once per message, so
+        # it skips the layers (codec wrapper, properties) the slow path uses.
+        if self._rows and not self._closed and not self._storage.closed:
+            seq, body = self._rows.popleft()
+            self.position = seq
+            try:
+                return seq, self._loads(body)
+            except Exception:
+                return seq, self._queue.decode(body, seq)  # raises DecodeError naming seq
         while True:
             if self._closed or self._queue.closed:
                 raise StopIteration
@@ -84,19 +95,29 @@ class Consumer:
             rows = self._queue.read_page(self.position, self._batch)
             if rows:
                 self._rows.extend(rows)
+                self._idle_deadline = None
                 self._waiter.reset()
+                continue
+            # Caught up. Scheduled messages that are due become messages now
+            # (no daemon does it); the wait below is cut to the next due time.
+            until_due = self._queue._until_due()
+            if until_due is not None and until_due <= 0:
+                self._queue._promote_due()
                 continue
             if self._wait is False:
                 raise StopIteration
-            if self._wait is True:
-                remaining = None
-            else:
+            remaining: Optional[float] = None
+            if self._wait is not True:
+                # Kept on the consumer, not in this frame: under asyncio this
+                # call ends (WouldWait) at every wait and is called again.
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self._wait
-                remaining = deadline - now
+                if self._idle_deadline is None:
+                    self._idle_deadline = now + self._wait
+                remaining = self._idle_deadline - now
                 if remaining <= 0:
                     raise StopIteration
+            if until_due is not None:
+                remaining = until_due if remaining is None else min(remaining, until_due)
             if not self._waiter.wait(remaining):
                 raise StopIteration
 

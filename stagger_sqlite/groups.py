@@ -81,6 +81,8 @@ SQL_ROW = """SELECT d.attempts, d.error, coalesce(d.body, m.body) FROM deliverie
     LEFT JOIN messages m ON m.seq = d.seq WHERE d.grp = ? AND d.seq = ? AND d.token = ? AND d.state < 2"""
 SQL_BURY = "INSERT OR REPLACE INTO dead_letters (grp, seq, body, attempts, error, at) VALUES (?, ?, ?, ?, ?, ?)"
 SQL_DROP = "DELETE FROM deliveries WHERE grp = ? AND seq = ?"
+SQL_SUSPECT = "UPDATE deliveries SET state = 3, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?"
+SQL_RETRY = "UPDATE deliveries SET state = 2, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?"
 SQL_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 
 
@@ -257,6 +259,9 @@ class GroupConsumer:
     A message is finished when the next one is asked for, at a normal close,
     or by ``ack``; ``nack`` sends it back for a later delivery. See the module
     docstring for leases and attempts.
+
+    Memory follows the file: every write transaction returns what it did, and
+    the member's own state changes only once it committed.
     """
 
     def __init__(
@@ -284,6 +289,7 @@ class GroupConsumer:
             check_int("purge", purge)
         self._queue = queue
         self._storage = queue._storage
+        self._loads = queue._codec.loads
         self._rows: Deque[Tuple[int, bytes]] = collections.deque()
         self._token = 0  # of the claim in self._rows
         self._renew_at = 0.0
@@ -291,6 +297,7 @@ class GroupConsumer:
         self._in_hand_token = 0
         self._done: List[Tuple[str, int, int]] = []  # finished locally, to delete at the next write
         self._idle = False  # the last claim found nothing: look before taking the writer lock
+        self._idle_deadline: Optional[float] = None  # on self: under asyncio __next__ is re-entered
         #: Optional hook (the worker pool's rate limit, ``control.RateLimiter``):
         #: ``allow(conn, now, want) -> (n, due)`` caps a claim at ``n`` messages
         #: (0: claim nothing, wait until ``due``); ``spend(conn, now, n)``
@@ -298,10 +305,11 @@ class GroupConsumer:
         self.claim_limit: Any = None
         self._closed = False
         self._entered = False
+        # Before the first claim (the Waiter protocol): no ring is missed.
+        self._waiter = Waiter(self._storage)
         self._create(ack)
         if purge is not None:
             queue.purge(purge)
-        self._waiter = Waiter(self._storage)
 
     def _create(self, ack: int) -> None:
         def create(conn: apsw.Connection) -> None:
@@ -340,7 +348,10 @@ class GroupConsumer:
             if conn is not None and conn.in_transaction:
                 raise  # finalized from inside a transaction (a GC pass): leave it to the lease
             if not self._entered and not self._closed:
-                self._end(keep_in_hand=True)
+                try:
+                    self._end(keep_in_hand=True)
+                except StaggerError:
+                    pass  # the lease covers it
             raise
 
     def __next__(self) -> Tuple[int, Any]:
@@ -353,7 +364,18 @@ class GroupConsumer:
         if self._in_hand is not None:
             self._done.append((self.group, self._in_hand, self._in_hand_token))
             self._in_hand = None
-        deadline: Optional[float] = None
+        # Fast path, a claimed message in memory and no lease renewal due:
+        # this runs once per message, so it skips the layers below.
+        rows = self._rows
+        if rows and not self._closed and not self._storage._closed and time.time() < self._renew_at:
+            seq, body = rows.popleft()
+            try:
+                msg = self._loads(body)
+            except Exception:
+                rows.appendleft((seq, body))  # the slow path dead-letters it
+            else:
+                self._in_hand, self._in_hand_token = seq, self._token
+                return seq, msg
         while True:
             if self._closed or self._storage.closed:
                 raise StopIteration
@@ -365,29 +387,39 @@ class GroupConsumer:
                 try:
                     msg = self._queue.decode(body, seq)
                 except DecodeError as e:
-                    self._safely(lambda: self._bury_undecodable(seq, str(e)))
+                    self._safely(lambda: self._bury_undecodable(seq, self._token, str(e)))
                     continue
                 self._in_hand, self._in_hand_token = seq, self._token
                 return seq, msg
             next_ready = self._safely(self._claim)
             if self._rows:
+                self._idle_deadline = None
                 self._waiter.reset()
-                deadline = None
+                continue
+            # Nothing claimable. Scheduled messages that are due become
+            # messages now (no daemon does it).
+            until_due = self._safely(self._queue._until_due)
+            if until_due is not None and until_due <= 0:
+                self._safely(self._queue._promote_due)
                 continue
             if self._wait is False:
                 raise StopIteration
             now = time.time()
             timeout: Optional[float] = None
             if self._wait is not True:
-                if deadline is None:
-                    deadline = now + self._wait
-                timeout = deadline - now
+                if self._idle_deadline is None:
+                    self._idle_deadline = time.monotonic() + self._wait
+                timeout = self._idle_deadline - time.monotonic()
                 if timeout <= 0:
                     raise StopIteration
-            if next_ready is not None:
-                # A redelivery falls due then: wake for it with no new write.
-                until = max(0.0, next_ready - now) + 0.001
-                timeout = until if timeout is None else min(timeout, until)
+            for until in (
+                # A redelivery (expired lease, retry) falls due then: wake for
+                # it with no new write.
+                None if next_ready is None else max(0.0, next_ready - now) + 0.001,
+                until_due,
+            ):
+                if until is not None:
+                    timeout = until if timeout is None else min(timeout, until)
             if not self._waiter.wait(timeout):
                 raise StopIteration
 
@@ -398,16 +430,22 @@ class GroupConsumer:
         except QueueClosedError:
             raise StopIteration from None
 
-    # -- the write transactions -----------------------------------------
+    def _write(self, fn: Any, *, notify: bool = False) -> Any:
+        """``Storage.write`` of ``fn(conn, done)``, where ``done`` are the
+        implicit acks to delete in the same transaction; if it fails they are
+        kept for the next write."""
+        done, self._done = self._done, []
+        try:
+            return self._storage.write(lambda conn: fn(conn, done), notify=notify)
+        except BaseException:
+            self._done[:0] = done
+            raise
 
-    def _flush(self, conn: apsw.Connection) -> None:
-        if self._done:
-            conn.executemany(SQL_FINISH, self._done)
-            self._done.clear()
+    # -- the write transactions (they touch the file only) ---------------
 
     def _claim(self) -> Optional[float]:
         """Finish what is done, claim the next batch into self._rows.
-        Returns the next time something falls due when nothing was claimed."""
+        Returns, when nothing was claimed, when the next delivery falls due."""
         if self._idle and not self._done:
             # Nothing was claimable last time: look (a read) before queuing
             # for the writer lock, so idle members cost writers nothing.
@@ -415,9 +453,13 @@ class GroupConsumer:
             claimable, ready = self._storage.read(lambda conn: self._lookup(conn, now), snapshot=True)
             if not claimable:
                 return ready
-        result = self._storage.write(self._claim_tx, notify=False)
-        self._idle = not self._rows
-        return result
+        rows, token, ready = self._write(self._claim_tx)
+        self._idle = not rows
+        if rows:
+            self._rows.extend(rows)
+            self._token = token
+            self._renew_at = time.time() + self._lease * RENEW_SHARE
+        return ready
 
     def _lookup(self, conn: apsw.Connection, now: float) -> Tuple[bool, Optional[float]]:
         """(something may be claimable, when the next delivery falls due)."""
@@ -427,10 +469,16 @@ class GroupConsumer:
         ready = conn.execute(SQL_NEXT_READY, (self.group,)).fetchall()[0][0]
         return (ready is not None and ready <= now), ready
 
-    def _claim_tx(self, conn: apsw.Connection) -> Optional[float]:
+    def _claim_tx(self, conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Tuple[List[Tuple[int, bytes]], int, Optional[float]]:
+        """One transaction: delete the finished, sweep expired leases, claim.
+
+        Due redeliveries come first (in the order they fell due), then new
+        messages in seqno order. A message back from an expired batch lease
+        is claimed alone (see the module docstring)."""
         now = time.time()
         group = self.group
-        self._flush(conn)
+        if done:
+            conn.executemany(SQL_FINISH, done)
         row = conn.execute(SQL_GROUP, (group,)).fetchall()
         if row:
             cursor, token = row[0]
@@ -443,7 +491,7 @@ class GroupConsumer:
         if self.claim_limit is not None:
             batch, due = self.claim_limit.allow(conn, now, batch)
             if batch < 1:
-                return due
+                return [], 0, due
         alone: Optional[Tuple[int, bytes]] = None
         again: List[Tuple[int, bytes]] = []
         for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, batch)).fetchall():
@@ -456,10 +504,7 @@ class GroupConsumer:
                 if state == CLAIMED_ALONE and attempts >= self._max_attempts:
                     _bury(conn, group, seq, body, attempts, error)
                     continue
-                conn.execute(
-                    "UPDATE deliveries SET state = 3, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?",
-                    (now, attempts, error, group, seq),
-                )
+                conn.execute(SQL_SUSPECT, (now, attempts, error, group, seq))
                 state = WAITING_ALONE
             if state == WAITING_ALONE:
                 if alone is None:
@@ -486,42 +531,39 @@ class GroupConsumer:
             conn.execute(SQL_SET_GROUP, (cursor, token, group))
             if self.claim_limit is not None:
                 self.claim_limit.spend(conn, now, len(rows))
-            self._rows.extend(rows)
-            self._token = token
-            self._renew_at = now + self._lease * RENEW_SHARE
-            return None
+            return rows, token, None
         conn.execute(SQL_SET_GROUP, (cursor, token - 1, group))
-        ready = conn.execute(SQL_NEXT_READY, (group,)).fetchall()[0][0]
-        return ready
+        return [], 0, conn.execute(SQL_NEXT_READY, (group,)).fetchall()[0][0]
 
     def _renew(self) -> None:
         """Push the lease of what this member still holds; drop what it lost."""
+        token, expected = self._token, len(self._rows)
 
-        def renew(conn: apsw.Connection) -> None:
-            now = time.time()
-            self._flush(conn)
-            changed = conn.execute(SQL_RENEW, (now + self._lease, self.group, self._token)).fetchall()
-            del changed
-            if conn.changes() != len(self._rows):
-                held = {r[0] for r in conn.execute(SQL_HELD, (self.group, self._token)).fetchall()}
-                kept = [r for r in self._rows if r[0] in held]
-                self._rows.clear()
-                self._rows.extend(kept)
-            self._renew_at = now + self._lease * RENEW_SHARE
+        def renew(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Optional[set]:
+            if done:
+                conn.executemany(SQL_FINISH, done)
+            conn.execute(SQL_RENEW, (time.time() + self._lease, self.group, token))
+            if conn.changes() == expected:
+                return None
+            return {r[0] for r in conn.execute(SQL_HELD, (self.group, token)).fetchall()}
 
-        self._storage.write(renew, notify=False)
+        held = self._write(renew)
+        if held is not None and token == self._token:
+            kept = [r for r in self._rows if r[0] in held]
+            self._rows.clear()
+            self._rows.extend(kept)
+        self._renew_at = time.time() + self._lease * RENEW_SHARE
 
-    def _bury_undecodable(self, seq: int, error: str) -> None:
-        token = self._token
-
-        def bury(conn: apsw.Connection) -> None:
-            self._flush(conn)
+    def _bury_undecodable(self, seq: int, token: int, error: str) -> None:
+        def bury(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> None:
+            if done:
+                conn.executemany(SQL_FINISH, done)
             row = conn.execute(SQL_ROW, (self.group, seq, token)).fetchall()
             if row:
                 attempts, _, body = row[0]
                 _bury(conn, self.group, seq, body, attempts + 1, error)
 
-        self._storage.write(bury, notify=False)
+        self._write(bury)
 
     # -- ack / nack ------------------------------------------------------
 
@@ -550,18 +592,22 @@ class GroupConsumer:
         check_int("seq", seq, 1)
         token = self._token_of(seq)
         if token is None:
-            if any(s == seq for _, s, _ in self._done):
-                self._storage.write(self._flush, notify=False)
-                return True  # finished when the next message was asked for
-            return False
-        self._forget(seq)
+            pending = [d for d in self._done if d[1] == seq]
+            if not pending:
+                return False
+            # Finished locally when the next message was asked for: make it so now.
+            token = pending[0][2]
+            self._done = [d for d in self._done if d[1] != seq]
 
-        def finish(conn: apsw.Connection) -> bool:
-            self._flush(conn)
+        def finish(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> bool:
+            if done:
+                conn.executemany(SQL_FINISH, done)
             conn.execute(SQL_FINISH, (self.group, seq, token))
             return conn.changes() > 0
 
-        return self._storage.write(finish, notify=False)
+        result = self._write(finish)
+        self._forget(seq)
+        return result
 
     def nack(self, seq: int, *, delay: Optional[float] = None, error: Optional[str] = None, dead: bool = False) -> bool:
         """Send message ``seq`` back for a later delivery, to any member.
@@ -577,6 +623,9 @@ class GroupConsumer:
         Returns True when it took effect, False when this member no longer
         holds the message (as ``ack``). After ``max_attempts`` failed
         deliveries the message goes to the dead letters instead.
+
+        Raises:
+            ValueError: a bad ``seq`` or ``delay``.
         """
         check_int("seq", seq, 1)
         if delay is not None:
@@ -584,13 +633,22 @@ class GroupConsumer:
         token = self._token_of(seq)
         if token is None:
             return False
+        result = self._write(lambda conn, done: self._nack_tx(conn, done, seq, token, delay, error, dead), notify=True)
         self._forget(seq)
-        return self._storage.write(lambda conn: self._nack_tx(conn, seq, token, delay, error, dead))
+        return result
 
     def _nack_tx(
-        self, conn: apsw.Connection, seq: int, token: int, delay: Optional[float], error: Optional[str], dead: bool = False
+        self,
+        conn: apsw.Connection,
+        done: List[Tuple[str, int, int]],
+        seq: int,
+        token: int,
+        delay: Optional[float],
+        error: Optional[str],
+        dead: bool = False,
     ) -> bool:
-        self._flush(conn)
+        if done:
+            conn.executemany(SQL_FINISH, done)
         row = conn.execute(SQL_ROW, (self.group, seq, token)).fetchall()
         if not row:
             return False
@@ -600,10 +658,7 @@ class GroupConsumer:
             _bury(conn, self.group, seq, body, attempts, error)
             return True
         due = time.time() + (backoff(attempts) if delay is None else delay)
-        conn.execute(
-            "UPDATE deliveries SET state = 2, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?",
-            (due, attempts, error, self.group, seq),
-        )
+        conn.execute(SQL_RETRY, (due, attempts, error, self.group, seq))
         return True
 
     # -- ending ----------------------------------------------------------
@@ -612,33 +667,31 @@ class GroupConsumer:
         """One write: finish what is done (and the message in hand, unless
         ``failure``: nack it with that error; ``release_in_hand``; or
         ``keep_in_hand``), and release the unstarted rest at once."""
-        in_hand, in_hand_token = self._in_hand, self._in_hand_token
-        if keep_in_hand:
-            in_hand = None
-        else:
-            self._in_hand = None
+        in_hand, in_hand_token = (None, 0) if keep_in_hand else (self._in_hand, self._in_hand_token)
         unstarted = [(seq, self._token) for seq, _ in self._rows]
+        if in_hand is not None and release_in_hand:
+            unstarted.append((in_hand, in_hand_token))
+        elif in_hand is not None and failure is None:
+            self._done.append((self.group, in_hand, in_hand_token))
+        nack = failure is not None and in_hand is not None
+        if self._done or unstarted or nack:
+
+            def end(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> None:
+                if nack:
+                    self._nack_tx(conn, done, in_hand, in_hand_token, None, failure)  # type: ignore[arg-type]
+                elif done:
+                    conn.executemany(SQL_FINISH, done)
+                if unstarted:
+                    now = time.time()
+                    conn.executemany(SQL_RELEASE, [(now, self.group, seq, token) for seq, token in unstarted])
+
+            try:
+                self._write(end, notify=bool(unstarted) or nack)
+            except QueueClosedError:
+                self._done.clear()  # what it held comes back when its lease expires
         self._rows.clear()
-        if in_hand is not None:
-            if release_in_hand:
-                unstarted.append((in_hand, in_hand_token))
-            elif failure is None:
-                self._done.append((self.group, in_hand, in_hand_token))
-        if not self._done and not unstarted and (in_hand is None or failure is None):
-            return
-
-        def end(conn: apsw.Connection) -> None:
-            self._flush(conn)
-            now = time.time()
-            if unstarted:
-                conn.executemany(SQL_RELEASE, [(now, self.group, seq, token) for seq, token in unstarted])
-            if failure is not None and in_hand is not None:
-                self._nack_tx(conn, in_hand, in_hand_token, None, failure)
-
-        try:
-            self._storage.write(end, notify=bool(unstarted) or failure is not None)
-        except QueueClosedError:
-            pass  # what it held comes back when its lease expires
+        if not keep_in_hand:
+            self._in_hand = None
 
     def close(self) -> None:
         """Finish the message in hand, release the unstarted rest at once, and

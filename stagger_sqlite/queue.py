@@ -7,11 +7,15 @@ Seqnos, writes, purge and the figures; consuming is built by ``consume.py``
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
 import os
+import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import apsw
 
+from . import aio
 from . import codec as codecs
 from . import schema
 from . import groups as groups_
@@ -27,6 +31,13 @@ SQL_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 SQL_COUNT = "SELECT count(*) FROM messages"
 SQL_PAGE = "SELECT seq, body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
 SQL_PURGE = "DELETE FROM messages WHERE seq <= ?"
+SQL_SCHEDULE = "INSERT INTO scheduled (due, body) VALUES (?, ?)"
+# min() over the (due, id) index: one b-tree descent, a few microseconds.
+SQL_NEXT_DUE = "SELECT min(due) FROM scheduled"
+# Due entries become messages in due order (ties: scheduling order), so their
+# seqnos follow their due times.
+SQL_PROMOTE = "INSERT INTO messages (body) SELECT body FROM scheduled WHERE due <= ? ORDER BY due, id"
+SQL_UNSCHEDULE = "DELETE FROM scheduled WHERE due <= ?"
 
 #: Hand free pages back to the OS once they are this share of the file (and
 #: at least RECLAIM_MIN_PAGES): under a steady write+purge load the free pages
@@ -43,9 +54,51 @@ def last_seq(conn: apsw.Connection) -> int:
 def append(conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
     """Insert encoded messages; their seqnos are consecutive because the
     caller holds the writer lock for the whole transaction."""
-    conn.executemany(SQL_INSERT, [(b,) for b in bodies])
+    if len(bodies) == 1:
+        conn.execute(SQL_INSERT, (bodies[0],))  # the common case; executemany costs more
+    else:
+        conn.executemany(SQL_INSERT, [(b,) for b in bodies])
     last = conn.last_insert_rowid()
     return list(range(last - len(bodies) + 1, last + 1))
+
+
+def promote(conn: apsw.Connection, now: float) -> int:
+    """Turn scheduled entries due by ``now`` (epoch seconds) into messages;
+    returns how many. The caller is in a write transaction.
+
+    Run at the start of every write transaction of ``StaggerQueue`` and by
+    caught-up consumers: there is no daemon, any activity promotes.
+    """
+    due = conn.execute(SQL_NEXT_DUE).fetchall()[0][0]
+    if due is None or due > now:
+        return 0
+    conn.execute(SQL_PROMOTE, (now,))
+    moved = conn.changes()
+    conn.execute(SQL_UNSCHEDULE, (now,))
+    return moved
+
+
+def due_time(delay: Any, at: Any) -> float:
+    """Epoch seconds of ``schedule(delay=|at=)``, checked in the caller's words.
+
+    Raises:
+        ValueError: neither or both given, a negative or non-finite delay, a
+            naive datetime, or an ``at`` that is neither datetime nor number.
+    """
+    if (delay is None) == (at is None):
+        raise ValueError("schedule() takes exactly one of `delay` (seconds) or `at` (datetime or epoch seconds)")
+    if delay is not None:
+        seconds = check_seconds("delay", delay, allow_none=False)
+        if not math.isfinite(seconds):
+            raise ValueError(f"`delay` must be a finite number of seconds, not {delay!r}")
+        return time.time() + seconds
+    if isinstance(at, datetime.datetime):
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError(f"`at` must be a timezone-aware datetime, not the naive {at!r}")
+        return at.timestamp()
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        raise ValueError(f"`at` must be a timezone-aware datetime or epoch seconds, not {at!r}")
+    return float(at)
 
 
 def reclaim(conn: apsw.Connection) -> None:
@@ -113,7 +166,7 @@ class StaggerQueue:
             QueueClosedError: the queue was closed.
         """
         body = codecs.encode(self._codec, msg)
-        return self._storage.write(lambda conn: append(conn, [body]))[0]
+        return self._storage.write(lambda conn: self._append(conn, [body]))[0]
 
     def write_many(self, msgs: Iterable[Any]) -> List[int]:
         """Append all messages in one transaction, all or none.
@@ -125,7 +178,64 @@ class StaggerQueue:
         if not bodies:
             self._storage.read(lambda conn: None)  # still refuse a closed queue
             return []
-        return self._storage.write(lambda conn: append(conn, bodies))
+        return self._storage.write(lambda conn: self._append(conn, bodies))
+
+    @staticmethod
+    def _append(conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
+        # Due scheduled messages first: they were due before this write.
+        promote(conn, time.time())
+        return append(conn, bodies)
+
+    def schedule(self, msg: Any, *, delay: Optional[float] = None, at: Any = None) -> int:
+        """Store ``msg`` now; it becomes a normal message (gets its seqno,
+        visible to every consumer) once ``delay`` seconds have passed, or at
+        ``at`` (a timezone-aware datetime or epoch seconds).
+
+        Returns the id of the scheduled entry (not a seqno). Due entries are
+        promoted, in due order, by the next write of any process, and by any
+        consumer that is caught up or waiting (a waiting consumer wakes for
+        the due time). Entries survive restarts. A due time already past is
+        promoted at once.
+
+        Raises:
+            ValueError: neither or both of ``delay``/``at``, a negative delay,
+                a naive datetime.
+            EncodeError: the codec cannot encode ``msg``; nothing was stored.
+            LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
+        """
+        due = due_time(delay, at)
+        body = codecs.encode(self._codec, msg)
+
+        def store(conn: apsw.Connection) -> int:
+            conn.execute(SQL_SCHEDULE, (due, body))
+            entry = conn.last_insert_rowid()
+            promote(conn, time.time())
+            return entry
+
+        # The ring wakes waiting consumers of every process, so they cut
+        # their wait to this entry's due time.
+        return self._storage.write(store)
+
+    def _until_due(self) -> Optional[float]:
+        """Seconds until the next scheduled entry is due (<= 0: due now), or None."""
+        due = self._storage.read(lambda conn: conn.execute(SQL_NEXT_DUE).fetchall()[0][0])
+        return None if due is None else due - time.time()
+
+    def _promote_due(self) -> int:
+        """Promote the due scheduled entries (a write transaction); returns how many."""
+        return self._storage.write(lambda conn: promote(conn, time.time()))
+
+    async def awrite(self, msg: Any) -> int:
+        """``write`` for asyncio: the write runs in the loop's default executor.
+
+        Raises as ``write``. If the awaiting task is cancelled the write may
+        still complete (its seqno is then lost to the caller, not the message).
+        """
+        return await aio.run_blocking(self.write, msg)
+
+    async def awrite_many(self, msgs: Iterable[Any]) -> List[int]:
+        """``write_many`` for asyncio (see ``awrite``)."""
+        return await aio.run_blocking(self.write_many, list(msgs))
 
     # -- figures ---------------------------------------------------------
 
@@ -223,6 +333,15 @@ class StaggerQueue:
             ValueError: ``group`` is not a non-empty string, or a bad seq.
         """
         return groups_.requeue(self, group, seqs)
+
+    def aconsume(self, *args: Any, **kwargs: Any) -> "aio.AsyncConsumer":
+        """``consume`` for asyncio: ``async for seq, msg in q.aconsume(...)``.
+
+        Same arguments and semantics as ``consume`` (it builds the same
+        consumer); waiting never blocks the event loop, and cancelling the
+        task that iterates leaves the queue (and the consumer) usable.
+        """
+        return aio.AsyncConsumer(self.consume(*args, **kwargs))
 
     def read_page(self, after: int, limit: int) -> List[tuple]:
         """Stored ``(seq, body)`` rows with ``seq > after``, ascending, at most

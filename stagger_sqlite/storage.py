@@ -28,6 +28,7 @@ import apsw
 from . import schema
 from .errors import LockTimeoutError, NotAQueueError, QueueClosedError, StaggerError, StorageFullError
 from .lock import WriterLock
+from .wakeup import CloseEvent
 
 T = TypeVar("T")
 
@@ -91,11 +92,38 @@ def _after_fork_child() -> None:
     for s in _FORKING:
         # Other threads did not survive the fork; start from fresh locks.
         s._mutex = threading.RLock()
+        s._group = threading.Condition(threading.Lock())
+        s._pending = []
+        s._leading = False
     _FORKING.clear()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
+
+
+def _copy_error(e: BaseException) -> BaseException:
+    """A fresh exception like ``e`` (same type and message), chained to it."""
+    try:
+        copy = type(e)(*e.args)
+    except Exception:
+        return e
+    copy.__cause__ = e
+    return copy
+
+
+class _Job:
+    """One caller of ``Storage.write`` waiting for its transaction."""
+
+    __slots__ = ("fn", "notify", "started", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[apsw.Connection], object], notify: bool, started: float) -> None:
+        self.fn = fn
+        self.notify = notify
+        self.started = started
+        self.done = False
+        self.result: object = None
+        self.error: Optional[BaseException] = None
 
 
 class Storage:
@@ -116,11 +144,15 @@ class Storage:
         self.timeout = timeout
         self.mode = mode
         self._mutex = threading.RLock()
+        # Group commit: writers queue in _pending; one leads at a time.
+        self._group = threading.Condition(threading.Lock())
+        self._pending: List[_Job] = []
+        self._leading = False
         self._conn: Optional[apsw.Connection] = None
         self._lock: Optional[WriterLock] = None
         self._closed = False
         #: Set by close(); waiters watch it so close() from another thread ends them.
-        self.closed_event = threading.Event()
+        self.closed_event = CloseEvent()
         self._open_or_create()
         _LIVE.add(self)
 
@@ -258,8 +290,18 @@ class Storage:
                     conn.execute("COMMIT")
 
     def write(self, fn: Callable[[apsw.Connection], T], *, notify: bool = True) -> T:
-        """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction, under the
-        writer lock; commit if it returns, roll back if it raises.
+        """Run ``fn(conn)`` in a ``BEGIN IMMEDIATE`` transaction, under the
+        writer lock; commit if it returns, roll back if it raises. Returns
+        only once the commit is durable (to the degree ``durability`` says).
+
+        Group commit: threads of this process that write at the same time
+        share one transaction and one fsync. One of them (the leader) runs
+        every waiting ``fn`` in turn, each inside its own savepoint, then
+        commits once; the others wait for that commit. A ``fn`` that raises a
+        Python error is rolled back alone and only its caller sees the error;
+        if SQLite fails (disk full, I/O error, lock timeout) or the commit
+        fails, the whole transaction is rolled back and every writer in it
+        gets the error: nothing of theirs is stored.
 
         ``notify``: tell waiting consumers that something changed.
 
@@ -269,29 +311,83 @@ class Storage:
                 it, SQLite's write lock) stayed taken for ``timeout`` seconds.
             StorageFullError: the disk or size limit is full.
         """
-        with self._mutex:
-            conn = self._open_conn()
-            lock = self._writer_lock()
-            started = time.monotonic()
-            lock.acquire(self.timeout)
+        job = _Job(fn, notify, time.monotonic())
+        with self._group:
+            self._pending.append(job)
+            while self._leading and not job.done:
+                self._group.wait()
+            if not job.done:
+                # Lead: take every writer waiting now (ourselves included).
+                self._leading = True
+                batch, self._pending = self._pending, []
+        if not job.done:
             try:
-                with sqlite_errors(self.path):
-                    if self.timeout is not None:
-                        conn.set_busy_timeout(self._busy_ms(self.timeout - (time.monotonic() - started)))
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        result = fn(conn)
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        if conn.in_transaction:
-                            with contextlib.suppress(apsw.Error):
-                                conn.execute("ROLLBACK")
-                        raise
+                self._commit_batch(batch, job)
             finally:
-                lock.release()
-            if notify:
-                lock.ring()
-        return result
+                with self._group:
+                    self._leading = False
+                    self._group.notify_all()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    def _commit_batch(self, batch: List["_Job"], leader: "_Job") -> None:
+        """Run ``batch`` in one transaction and settle every job in it."""
+        try:
+            with self._mutex:
+                conn = self._open_conn()
+                lock = self._writer_lock()
+                # The earliest caller's deadline bounds the whole batch.
+                started = min(j.started for j in batch)
+                remaining = None if self.timeout is None else max(0.0, self.timeout - (time.monotonic() - started))
+                lock.acquire(remaining)
+                try:
+                    with sqlite_errors(self.path):
+                        if remaining is not None:
+                            conn.set_busy_timeout(self._busy_ms(self.timeout - (time.monotonic() - started)))
+                        self._run_batch(conn, batch)
+                finally:
+                    lock.release()
+                if any(j.notify for j in batch if j.error is None):
+                    lock.ring()
+        except BaseException as e:
+            for j in batch:
+                if j.error is None:
+                    # Each thread raises its own exception object (raising
+                    # one object in several threads tangles its traceback).
+                    j.error = e if j is leader else _copy_error(e)
+                    j.result = None
+            if not isinstance(e, Exception):
+                raise  # KeyboardInterrupt and kin: the leader's own, too
+        finally:
+            for j in batch:
+                j.done = True
+
+    @staticmethod
+    def _run_batch(conn: apsw.Connection, batch: List["_Job"]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if len(batch) == 1:
+                job = batch[0]
+                job.result = job.fn(conn)
+            else:
+                for job in batch:
+                    conn.execute("SAVEPOINT stagger_job")
+                    try:
+                        job.result = job.fn(conn)
+                    except apsw.Error:
+                        raise  # SQLite failed: the shared transaction fails
+                    except Exception as e:
+                        # The caller's own error: undo its part only.
+                        conn.execute("ROLLBACK TO stagger_job")
+                        job.error = e
+                    conn.execute("RELEASE stagger_job")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(apsw.Error):
+                    conn.execute("ROLLBACK")
+            raise
 
     def _open_conn(self) -> apsw.Connection:
         if self._closed:

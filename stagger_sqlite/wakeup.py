@@ -1,42 +1,400 @@
 """Waiting for "something was written", across processes.
 
-Writers ring after each commit (``WriterLock.ring``); a consumer that has
-caught up waits here until a ring, the queue's close, or its deadline.
+Writers ring after each commit (``WriterLock.ring`` rewrites one byte of
+``<path>.lock``). A consumer that has caught up waits here until a ring, the
+queue's close, or its deadline.
 
-This first version polls with a short, growing interval: correct with any
-number of processes, but neither instant nor free.
+How (Linux): one inotify instance per process watches the lock files that
+someone in the process waits on, read by one daemon thread (the *hub*). Each
+watched file has a *channel* with a generation counter; the hub bumps it for
+every batch of ring events and wakes the channel's waiters (threads on a
+condition variable, asyncio tasks through ``call_soon_threadsafe``). A waiter
+remembers the generation it last saw, taken *before* the consumer's catch-up
+read, so a ring that lands between that read and the wait is never missed.
+
+Why one hub per process and not an inotify instance per waiter: Linux allows
+128 inotify instances per user by default; a process with many consumers (or a
+machine with many consumer processes) would run out. Why a thread and not a
+poll loop: an idle waiter then costs nothing at all (the hub sleeps in
+``read(2)``), and a ring reaches the consumer in about 0.1 ms.
+
+Safety nets: a waiter never sleeps longer than ``SAFETY_POLL`` seconds without
+letting its consumer look again (a ring lost to a full disk, a lock file
+replaced under us, a writer on another host of a network file system). Where
+inotify is missing (not Linux, no instance left, or ``STAGGER_SQLITE_WAKEUP=poll``
+in the environment) the waiter polls with a short, growing pause instead:
+correct, but neither instant nor free.
+
+Closing a queue (``Storage.closed_event``, a :class:`CloseEvent`) wakes every
+waiter of the process at once, so ``close()`` from another thread ends a
+waiting consumer promptly.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import struct
+import threading
+import weakref
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Set
 
 if TYPE_CHECKING:
     from .storage import Storage
 
+#: Longest a waiter sleeps without letting its consumer look at the file again,
+#: even when no ring came (the safety net of the inotify path).
+SAFETY_POLL = 1.0
+
+#: The pure-poll fallback: first and longest pause between two looks.
 MIN_POLL = 0.001
 MAX_POLL = 0.05
 
+IN_CLOEXEC = 0o2000000
+IN_MODIFY = 0x00000002
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+
+
+# -- the close signal ------------------------------------------------------
+
+
+class CloseEvent(threading.Event):
+    """``Storage.closed_event``: a ``threading.Event`` whose ``set()`` also
+    wakes every waiter of the process (sync and async), so they can see it."""
+
+    def set(self) -> None:
+        super().set()
+        hub = _HUB
+        if hub is not None:
+            hub.wake_all()
+
+
+# -- the non-blocking mode used by asyncio -----------------------------------
+
+
+class WouldWait(Exception):
+    """Raised by :meth:`Waiter.wait` instead of blocking, inside
+    :func:`nonblocking`: the asyncio layer then awaits ``waiter.wait_async``."""
+
+    def __init__(self, waiter: "Waiter", timeout: Optional[float]) -> None:
+        super().__init__("would wait")
+        self.waiter = waiter
+        self.timeout = timeout
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def nonblocking() -> Iterator[None]:
+    """Within this block (this thread only), ``Waiter.wait`` raises
+    :class:`WouldWait` rather than blocking. Lets any consumer built on a
+    ``Waiter`` be driven by an event loop without a thread of its own."""
+    before = getattr(_local, "nonblocking", False)
+    _local.nonblocking = True
+    try:
+        yield
+    finally:
+        _local.nonblocking = before
+
+
+# -- inotify through libc (no dependency) ------------------------------------
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or None, use_errno=True)
+        libc.inotify_init1  # noqa: B018 - AttributeError where there is none
+        libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None
+    libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
+
+
+class _Channel:
+    """The waiters of one watched lock file (one inotify watch) in this process."""
+
+    def __init__(self, wd: int, lock: threading.Lock) -> None:
+        self.wd = wd
+        self.generation = 0
+        self.refs = 0
+        self.alive = True
+        self.cond = threading.Condition(lock)
+        self.listeners: Set[Callable[[], None]] = set()
+
+
+class _Hub:
+    """The process's inotify instance and the thread that reads it."""
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        fd = libc.inotify_init1(IN_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        self.libc = libc
+        self.fd = fd
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.channels: Dict[int, _Channel] = {}
+        self.thread = threading.Thread(target=self._run, name="stagger-sqlite-wakeup", daemon=True)
+        self.thread.start()
+
+    def attach(self, path: str) -> Optional[_Channel]:
+        """A counted reference to the channel of ``path`` (None: cannot watch it)."""
+        with self.lock:
+            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY)
+            if wd < 0:
+                return None
+            ch = self.channels.get(wd)
+            if ch is None:
+                ch = self.channels[wd] = _Channel(wd, self.lock)
+            ch.refs += 1
+            return ch
+
+    def release(self, ch: _Channel) -> None:
+        with self.lock:
+            ch.refs -= 1
+            if ch.refs == 0 and ch.alive and self.channels.get(ch.wd) is ch:
+                del self.channels[ch.wd]
+                ch.alive = False
+                if self.pid == os.getpid():
+                    self.libc.inotify_rm_watch(self.fd, ch.wd)
+
+    def wake_all(self) -> None:
+        """Wake every waiter of every channel (a queue was closed)."""
+        with self.lock:
+            channels = list(self.channels.values())
+            for ch in channels:
+                ch.cond.notify_all()
+            listeners = [fn for ch in channels for fn in ch.listeners]
+        for fn in listeners:
+            fn()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            except OSError:  # the fd was closed (after fork in a child): stop
+                return
+            self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        rung: Set[int] = set()
+        gone: Set[int] = set()
+        overflow = False
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size + length
+            if mask & IN_Q_OVERFLOW:
+                overflow = True
+            elif mask & IN_IGNORED:
+                gone.add(wd)  # file deleted or watch removed: re-attach later
+            else:
+                rung.add(wd)
+        listeners = []
+        with self.lock:
+            targets = list(self.channels.values()) if overflow else [self.channels[w] for w in rung | gone if w in self.channels]
+            for ch in targets:
+                ch.generation += 1
+                ch.cond.notify_all()
+                listeners.extend(ch.listeners)
+                if ch.wd in gone:
+                    ch.alive = False
+                    del self.channels[ch.wd]
+        for fn in listeners:
+            fn()
+
+
+_HUB: Optional[_Hub] = None
+_HUB_LOCK = threading.Lock()
+_HUB_FAILED = False
+
+
+def _hub() -> Optional[_Hub]:
+    """The process's hub, started on first use; None where inotify is missing."""
+    global _HUB, _HUB_FAILED
+    hub = _HUB
+    if hub is not None or _HUB_FAILED:
+        return hub
+    with _HUB_LOCK:
+        if _HUB is None and not _HUB_FAILED:
+            libc = None if os.environ.get("STAGGER_SQLITE_WAKEUP") == "poll" else _libc()
+            if libc is None:
+                _HUB_FAILED = True
+            else:
+                try:
+                    _HUB = _Hub(libc)
+                except OSError:
+                    # EMFILE (no inotify instance left) is the likely cause;
+                    # try again for the next consumer rather than giving up.
+                    return None
+        return _HUB
+
+
+def _forget_hub_in_child() -> None:
+    # The hub thread did not survive the fork; its lock may be held forever.
+    global _HUB, _HUB_LOCK
+    hub, _HUB = _HUB, None
+    _HUB_LOCK = threading.Lock()
+    if hub is not None:
+        with contextlib.suppress(OSError):
+            os.close(hub.fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_hub_in_child)
+
+
+def mechanism() -> str:
+    """``"inotify"`` when waiters of this process are woken by rings, else ``"poll"``."""
+    return "inotify" if _hub() is not None else "poll"
+
+
+# -- the waiter ----------------------------------------------------------------
+
 
 class Waiter:
-    """One consumer's wait for writes. Not shared between threads."""
+    """One consumer's wait for writes to its queue file. Not shared between threads.
+
+    Protocol: make the Waiter before the consumer's first catch-up read; after
+    a read that found nothing, call :meth:`wait`. Any ring since the previous
+    ``wait`` returned (or since construction) makes ``wait`` return at once.
+    """
 
     def __init__(self, storage: "Storage") -> None:
         self._closed = storage.closed_event
+        self._path = storage.lock_path
         self._pause = MIN_POLL
+        self._hub: Optional[_Hub] = None
+        self._channel: Optional[_Channel] = None
+        self._seen = 0
+        self._finalizer: Optional[weakref.finalize] = None
+        self._attach()
+
+    def _attach(self) -> Optional[_Channel]:
+        """The channel to wait on (None: poll), re-made after a fork or once
+        the lock file was replaced."""
+        ch, hub = self._channel, self._hub
+        if ch is not None and ch.alive and hub is _HUB and hub is not None and hub.pid == os.getpid():
+            return ch
+        self._detach()
+        hub = _hub()
+        if hub is None:
+            return None
+        if not os.path.exists(self._path):
+            return None
+        ch = hub.attach(self._path)
+        if ch is None:
+            return None
+        self._hub, self._channel = hub, ch
+        with hub.lock:
+            self._seen = ch.generation
+        self._finalizer = weakref.finalize(self, hub.release, ch)
+        return ch
+
+    def _detach(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._finalizer = None
+        self._hub = self._channel = None
 
     def reset(self) -> None:
-        """Something arrived: poll eagerly again."""
+        """Something arrived: the poll fallback looks eagerly again."""
         self._pause = MIN_POLL
 
     def wait(self, timeout: Optional[float]) -> bool:
-        """Sleep until something may have changed or ``timeout`` passed.
+        """Sleep until a ring since the last wait, the queue's close, or
+        ``timeout`` seconds (None: no limit but the safety poll).
 
-        Returns False when the queue was closed (the consumer should stop).
+        Returns False when the queue was closed (the consumer should stop);
+        True otherwise, including spurious wake-ups: the caller looks again.
+
+        Raises:
+            WouldWait: inside :func:`nonblocking`, instead of sleeping.
         """
-        pause = self._pause if timeout is None else min(self._pause, max(timeout, 0.0))
-        self._pause = min(self._pause * 2, MAX_POLL)
+        if self._closed.is_set():
+            return False
+        ch = self._attach()
+        if ch is None:
+            return self._poll_wait(timeout)
+        hub = self._hub
+        assert hub is not None
+        limit = SAFETY_POLL if timeout is None else max(0.0, min(timeout, SAFETY_POLL))
+        with hub.lock:
+            if ch.generation != self._seen:
+                self._seen = ch.generation
+                return True
+            if getattr(_local, "nonblocking", False):
+                raise WouldWait(self, timeout)
+            if not self._closed.is_set():
+                ch.cond.wait(limit)
+            self._seen = ch.generation
+        return not self._closed.is_set()
+
+    def _poll_wait(self, timeout: Optional[float]) -> bool:
+        if getattr(_local, "nonblocking", False):
+            raise WouldWait(self, timeout)
+        pause = self._next_pause(timeout)
         return not self._closed.wait(pause)
 
+    def _next_pause(self, timeout: Optional[float]) -> float:
+        pause = self._pause if timeout is None else min(self._pause, max(timeout, 0.0))
+        self._pause = min(self._pause * 2, MAX_POLL)
+        return pause
+
+    async def wait_async(self, timeout: Optional[float]) -> bool:
+        """:meth:`wait` for an event loop: the task sleeps, the loop runs on.
+
+        Cancelling the awaiting task is clean: nothing is left registered.
+        """
+        if self._closed.is_set():
+            return False
+        ch = self._attach()
+        if ch is None:
+            await asyncio.sleep(self._next_pause(timeout))
+            return not self._closed.is_set()
+        hub = self._hub
+        assert hub is not None
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def fire() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def listener() -> None:  # called in the hub thread (or by close)
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(fire)
+
+        with hub.lock:
+            if ch.generation != self._seen:
+                self._seen = ch.generation
+                return True
+            ch.listeners.add(listener)
+        limit = SAFETY_POLL if timeout is None else max(0.0, min(timeout, SAFETY_POLL))
+        timer = loop.call_later(limit, fire)
+        try:
+            if not self._closed.is_set():
+                await fut
+        finally:
+            timer.cancel()
+            with hub.lock:
+                ch.listeners.discard(listener)
+        with hub.lock:
+            self._seen = ch.generation
+        return not self._closed.is_set()
+
     def close(self) -> None:
-        pass
+        """Stop watching (idempotent)."""
+        self._detach()

@@ -390,3 +390,26 @@ def test_members_in_threads_share_work_exactly_once(q):
     everything = sorted(s for r in results for s in r)
     assert everything == list(range(1, 2001))
     wait_for(lambda: q.groups()["g"].acked == 2000, 5)
+
+
+def test_scheduled_messages_reach_a_group(q):
+    q.schedule({"later": True}, delay=0.3)
+    with q.consume(group="g", wait=30) as c:
+        seq, msg = next(c)
+    assert msg == {"later": True}
+    assert q.groups()["g"].acked == seq
+
+
+def test_group_under_asyncio(q):
+    import asyncio
+
+    async def main():
+        got = []
+        async with q.aconsume(group="g", lease=0.5, wait=0.5) as c:
+            await q.awrite_many(["a", "b"])
+            async for seq, msg in c:
+                got.append(msg)
+        return got
+
+    assert asyncio.run(main()) == ["a", "b"]
+    assert q.groups()["g"].acked == 2

@@ -1,0 +1,846 @@
+"""stagger_sqlite beside its peers and raw SQLite, in one run, on one disk.
+
+Usage::
+
+    python benchmarks/run.py [--quick] [--only W1,W2] [--publish]
+
+(``tox -e bench`` runs it; ``stagger-sqlite bench --quick`` calls ``main``.)
+
+Every workload runs every system in the same run, in a temporary directory
+beside this file (so on the repository's filesystem), with real processes for
+the multi-process workloads. Results: a printed table, and
+``benchmarks/results/results.{md,json,png}``; ``--publish`` also copies the
+table and chart to ``docs/`` for the README.
+
+Figures are only comparable within one run: ratios to raw apsw are what the
+targets are set in. The message is a dict with an id and 100 bytes of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import apsw  # noqa: E402
+import cbor2  # noqa: E402
+
+import systems as S  # noqa: E402
+
+TEXT = ("stagger-" * 13)[:100]
+CTX = mp.get_context("fork")  # children open their own queues after fork
+
+
+def message(i: int) -> Dict[str, Any]:
+    return {"id": i, "text": TEXT}
+
+
+MSG_BYTES = len(cbor2.dumps(message(123456)))
+
+
+# -- results --------------------------------------------------------------
+
+RESULTS: List[Dict[str, Any]] = []
+
+
+def pct(lat: Sequence[float], q: float) -> Optional[float]:
+    if not lat:
+        return None
+    s = sorted(lat)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def record(
+    workload: str,
+    system: str,
+    *,
+    n: int,
+    seconds: float,
+    lat: Sequence[float] = (),
+    procs: int = 1,
+    durability: str = "",
+    fsync: str = "",
+    unit: str = "msg/s",
+    baseline: Optional[str] = None,
+    note: str = "",
+    **extra: Any,
+) -> Dict[str, Any]:
+    """Add one result row; ``baseline`` names the raw-apsw row of the same run
+    whose throughput the ratio is taken against."""
+    rate = n / seconds if seconds > 0 else 0.0
+    row = {
+        "workload": workload,
+        "system": system,
+        "msg_bytes": MSG_BYTES,
+        "processes": procs,
+        "durability": durability,
+        "fsync_per_op": fsync,
+        "n": n,
+        "seconds": round(seconds, 4),
+        "throughput": round(rate, 1),
+        "unit": unit,
+        "p50_ms": _ms(pct(lat, 0.50)),
+        "p99_ms": _ms(pct(lat, 0.99)),
+        "max_ms": _ms(max(lat) if lat else None),
+        "baseline": baseline,
+        "ratio": None,
+        "note": note,
+    }
+    row.update(extra)
+    if baseline is not None:
+        base = find(baseline)
+        if base and base["throughput"]:
+            row["ratio"] = round(rate / base["throughput"], 3)
+    RESULTS.append(row)
+    print(_line(row), flush=True)
+    return row
+
+
+def find(key: str) -> Optional[Dict[str, Any]]:
+    """The row named ``"workload/system"``."""
+    for r in RESULTS:
+        if f"{r['workload']}/{r['system']}" == key:
+            return r
+    return None
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+COLUMNS = [
+    ("workload", "workload"),
+    ("system", "system"),
+    ("processes", "procs"),
+    ("durability", "durability"),
+    ("fsync_per_op", "fsync/op"),
+    ("n", "n"),
+    ("throughput", "throughput"),
+    ("unit", "unit"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("max_ms", "max ms"),
+    ("ratio", "× raw"),
+    ("note", "note"),
+]
+
+
+def _line(r: Dict[str, Any]) -> str:
+    return (
+        f"{r['workload']:<10} {r['system']:<30} p={r['processes']:<2} {r['durability']:<8} fsync={r['fsync_per_op']:<5} "
+        f"{_fmt(r['throughput']):>10} {r['unit']:<8} p50={_fmt(r['p50_ms'])} p99={_fmt(r['p99_ms'])} "
+        f"max={_fmt(r['max_ms'])} ×raw={_fmt(r['ratio'])} {r['note']}"
+    )
+
+
+def markdown(results: List[Dict[str, Any]], targets: List[Dict[str, Any]], machine: Dict[str, Any]) -> str:
+    out = [f"Message: {MSG_BYTES} bytes of CBOR (a dict with an id and 100 bytes of text).  ",
+           f"Machine: {machine['summary']}.  ", f"Run: {machine['when']} ({machine['mode']}).", ""]
+    out.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
+    out.append("|" + "---|" * len(COLUMNS))
+    for r in results:
+        out.append("| " + " | ".join(_fmt(r[k]) for k, _ in COLUMNS) + " |")
+    out += ["", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    for t in targets:
+        out.append(f"| {t['target']} | {t['wanted']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(out) + "\n"
+
+
+# -- helpers --------------------------------------------------------------
+
+
+class Env:
+    """Where a run keeps its files: a fresh path per system and workload."""
+
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.dir = tempfile.mkdtemp(prefix=".bench-", dir=HERE)
+        self._n = 0
+
+    def path(self, name: str) -> str:
+        self._n += 1
+        return os.path.join(self.dir, f"{self._n:03d}-{name}")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def fill(name: str, path: str, n: int) -> None:
+    """Store a backlog of ``n`` messages, in batches (not timed)."""
+    q = S.open_system(name, path)
+    try:
+        for start in range(0, n, 10_000):
+            q.put_many([message(i) for i in range(start, min(n, start + 10_000))])
+    finally:
+        q.close()
+
+
+def fsync_label(q: Any) -> str:
+    return "yes" if q.fsync else "no"
+
+
+def run_procs(target: Callable[..., None], args_list: List[tuple], timeout: float = 600) -> List[Any]:
+    """Run ``target(*args, out)`` in one process per args; gather what each put in ``out``."""
+    out = CTX.Queue()
+    procs = [CTX.Process(target=target, args=(*a, out)) for a in args_list]
+    for p in procs:
+        p.start()
+    results = []
+    deadline = time.monotonic() + timeout
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=max(0.1, deadline - time.monotonic())))
+        except Exception:
+            break
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    return results
+
+
+# -- limits ---------------------------------------------------------------
+
+
+def limit_fsync(env: Env, names: List[str]) -> None:
+    """fsyncs/s of this disk: a 4 KiB rewrite + fsync, as a WAL commit does."""
+    path = env.path("fsync")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    block = b"x" * 4096
+    lat = []
+    end = time.perf_counter() + (0.3 if env.quick else 1.0)
+    t0 = time.perf_counter()
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        os.pwrite(fd, block, 0)
+        os.fsync(fd)
+        lat.append(time.perf_counter() - t)
+    record("limit", "fsync (4 KiB rewrite)", n=len(lat), seconds=time.perf_counter() - t0, lat=lat,
+           durability="-", fsync="yes", unit="fsync/s")
+    os.close(fd)
+
+
+# -- W1: one message per write -------------------------------------------
+
+
+def time_puts(q: Any, n: int, offset: int = 0) -> tuple:
+    lat = []
+    t0 = time.perf_counter()
+    for i in range(offset, offset + n):
+        t = time.perf_counter()
+        q.put(message(i))
+        lat.append(time.perf_counter() - t)
+    return time.perf_counter() - t0, lat
+
+
+def w1(env: Env, names: List[str]) -> None:
+    """One message per write, each committed. Rounds are interleaved across
+    systems (raw, stagger, peers, again) so noise hits all alike; the median
+    round is reported."""
+    rounds = 2 if env.quick else 3
+    n_fsync = 300 if env.quick else 2000
+    n_fast = 2000 if env.quick else 20000
+    queues = {}
+    for name in ["raw-full", "stagger-full", "raw-normal", "stagger-normal"] + [p for p in names if p in S.PEERS]:
+        queues[name] = S.open_system(name, env.path(name))
+    rates: Dict[str, List[float]] = {k: [] for k in queues}
+    lats: Dict[str, List[float]] = {k: [] for k in queues}
+    counts = {k: (n_fsync if queues[k].fsync else n_fast) for k in queues}
+    # Litequeue's put is fast but we keep its count modest: it is not the point here.
+    for r in range(rounds):
+        for name, q in queues.items():
+            seconds, lat = time_puts(q, counts[name], r * counts[name])
+            rates[name].append(counts[name] / seconds)
+            lats[name] += lat
+    for name, q in queues.items():
+        med = statistics.median(rates[name])
+        base = "W1/raw apsw (FULL)" if q.fsync else "W1/raw apsw (NORMAL)"
+        record("W1", S.LABELS[name], n=counts[name], seconds=counts[name] / med, lat=lats[name],
+               durability=q.durability, fsync=fsync_label(q), baseline=base,
+               note=f"median of {rounds} interleaved rounds")
+        q.close()
+
+
+# -- W2: batched writes ----------------------------------------------------
+
+
+def w2(env: Env, names: List[str]) -> None:
+    """``write_many`` of 1,000 (each system's batch API), normal/default mode."""
+    batches = 20 if env.quick else 100
+    systems = ["raw-normal", "stagger-normal", "stagger-full"] + [p for p in names if p in S.PEERS]
+    for name in systems:
+        q = S.open_system(name, env.path(name))
+        lat = []
+        t0 = time.perf_counter()
+        for b in range(batches):
+            msgs = [message(b * 1000 + i) for i in range(1000)]  # building the dicts is timed for all alike
+            t = time.perf_counter()
+            q.put_many(msgs)
+            lat.append(time.perf_counter() - t)
+        seconds = time.perf_counter() - t0
+        label = "raw apsw bulk + cbor2" if name == "raw-normal" else S.LABELS[name]
+        note = "latency per batch of 1,000"
+        if name == "pq-ack":
+            note += "; no batch API: one commit per message"
+        record("W2", label, n=batches * 1000, seconds=seconds, lat=lat, durability=q.durability,
+               fsync=("1/1000" if q.fsync else "no") if name != "pq-ack" else fsync_label(q),
+               baseline="W2/raw apsw bulk + cbor2", note=note)
+        q.close()
+
+
+# -- W3: drain a backlog ----------------------------------------------------
+
+
+def w3(env: Env, names: List[str]) -> None:
+    """Drain a backlog of 100,000 from an ack point. Peers that commit per
+    message get a smaller backlog (said in the note)."""
+    n = 20_000 if env.quick else 100_000
+    for name in ["raw-normal", "stagger-normal"] + [p for p in names if p in S.PEERS]:
+        path = env.path(name)
+        q0 = S.open_system(name, path)
+        slow = name in ("pq-ack", "pq", "litequeue")
+        count = min(n, 2000 if q0.fsync else 10_000) if slow else n
+        q0.close()
+        fill(name, path, count)
+        q = S.open_system(name, path)
+        lat = []
+        got = 0
+        t0 = last = time.perf_counter()
+        for msg in q.drain(count):
+            now = time.perf_counter()
+            lat.append(now - last)
+            last = now
+            got += 1
+        seconds = time.perf_counter() - t0
+        label = "raw apsw scan + cbor2" if name == "raw-normal" else S.LABELS[name]
+        note = "latency = gap between messages"
+        if name == "stagger-normal":
+            note += "; consume(ack=0, batch=50)"
+        if got != count:
+            note += f"; got {got} of {count}"
+        if count != n:
+            note += f"; backlog {count:,} (one commit per message taken)"
+        record("W3", label, n=got, seconds=seconds, lat=lat, durability=q.durability,
+               fsync=fsync_label(q) if slow else "no", baseline="W3/raw apsw scan + cbor2", note=note)
+        q.close()
+
+
+def _group_member(path: str, start: Any, out: Any) -> None:
+    from stagger_sqlite import StaggerQueue
+
+    with StaggerQueue(path, durability="normal") as q:
+        start.wait()
+        count, last = 0, time.perf_counter()
+        t0 = time.perf_counter()
+        with q.consume(group=S.GROUP, batch=50, wait=1.0) as c:
+            for seq, msg in c:
+                count += 1
+                last = time.perf_counter()
+    out.put({"count": count, "t0": t0, "last": last})
+
+
+def w3g(env: Env, names: List[str]) -> None:
+    """The same backlog through a group, acks included, 1 and 4 members."""
+    n = 20_000 if env.quick else 100_000
+    for members in (1, 4):
+        path = env.path("w3g")
+        fill("stagger-normal", path, n)
+        from stagger_sqlite import StaggerQueue
+
+        try:
+            with StaggerQueue(path) as q:
+                q.consume(group=S.GROUP, wait=False).close()  # create the group before the clock starts
+        except TypeError as e:
+            record("W3g", f"stagger_sqlite group ×{members}", n=0, seconds=0, procs=members,
+                   durability="normal", fsync="no", note=f"consumer groups not available in this build ({e})")
+            continue
+        start = CTX.Event()
+        outs = []
+        box = CTX.Queue()
+        procs = [CTX.Process(target=_group_member, args=(path, start, box)) for _ in range(members)]
+        for p in procs:
+            p.start()
+        time.sleep(0.5)  # let every member open the queue
+        t0 = time.perf_counter()
+        start.set()
+        for _ in procs:
+            outs.append(box.get(timeout=600))
+        for p in procs:
+            p.join()
+        got = sum(o["count"] for o in outs)
+        seconds = max(o["last"] for o in outs) - t0
+        note = "members: " + "/".join(str(o["count"]) for o in outs)
+        if got != n:
+            note += f"; finished {got} of {n}"
+        record("W3g", f"stagger_sqlite group ×{members}", n=got, seconds=seconds, procs=members,
+               durability="normal", fsync="no (acks commit)", baseline="W3/raw apsw scan + cbor2", note=note)
+
+
+# -- W4: 2 producers + 2 consumers ------------------------------------------
+
+
+def _w4_producer(name: str, path: str, ids: range, start: Any, out: Any) -> None:
+    q = S.open_system(name, path)
+    start.wait()
+    errors = 0
+    ok = []
+    for i in ids:
+        for attempt in range(100):
+            try:
+                q.put(message(i))
+                ok.append(i)
+                break
+            except Exception:
+                errors += 1
+                time.sleep(0.001)
+    q.close()
+    out.put({"role": "producer", "ok": ok, "errors": errors})
+
+
+def _w4_consumer(name: str, path: str, start: Any, producers_done: Any, out: Any) -> None:
+    q = S.open_system(name, path)
+    start.wait()
+    got: List[int] = []
+    errors = 0
+    last = time.perf_counter()
+    idle_since = None
+    while True:
+        try:
+            item = q.take()
+        except Exception:
+            errors += 1
+            item = None
+            time.sleep(0.001)
+        if item is not None:
+            msg, token = item
+            got.append(msg["id"])
+            last = time.perf_counter()
+            idle_since = None
+            try:
+                q.done(token)
+            except Exception:
+                errors += 1
+            continue
+        if producers_done.is_set():
+            idle_since = idle_since or time.perf_counter()
+            if time.perf_counter() - idle_since > 1.0:
+                break
+        time.sleep(0.0005)
+    try:
+        q.close()
+    except Exception:
+        errors += 1
+    out.put({"role": "consumer", "got": got, "errors": errors, "last": last})
+
+
+def w4(env: Env, names: List[str]) -> None:
+    """2 producer + 2 consumer processes at once; every message checked."""
+    n = 2000 if env.quick else 10_000
+    for name in ["raw-full", "stagger-full", "stagger-normal"] + [p for p in names if p in S.PEERS]:
+        path = env.path(name)
+        try:
+            q = S.open_system(name, path)  # create it before the processes race
+            fsync = fsync_label(q)
+            durability = q.durability
+            if name.startswith("stagger"):
+                q.q.consume(group=S.GROUP, wait=False).close()
+            q.close()
+        except TypeError as e:
+            record("W4", S.LABELS[name], n=0, seconds=0, procs=4, note=f"consumer groups not available ({e})")
+            continue
+        start = CTX.Event()
+        producers_done = CTX.Event()
+        box = CTX.Queue()
+        half = n // 2
+        prods = [CTX.Process(target=_w4_producer, args=(name, path, range(k * half, (k + 1) * half), start, box))
+                 for k in range(2)]
+        cons = [CTX.Process(target=_w4_consumer, args=(name, path, start, producers_done, box)) for _ in range(2)]
+        for p in prods + cons:
+            p.start()
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        start.set()
+        outs = []
+        deadline = time.monotonic() + 300
+        for p in prods:
+            p.join(max(1, deadline - time.monotonic()))
+        producers_done.set()
+        while len(outs) < 4 and time.monotonic() < deadline:
+            try:
+                outs.append(box.get(timeout=5))
+            except Exception:
+                if not any(p.is_alive() for p in prods + cons):
+                    break
+        for p in prods + cons:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        written = [i for o in outs if o["role"] == "producer" for i in o["ok"]]
+        got = [i for o in outs if o["role"] == "consumer" for i in o["got"]]
+        errors = sum(o["errors"] for o in outs)
+        seen = set(got)
+        lost = len(set(written) - seen)
+        dups = len(got) - len(seen)
+        lasts = [o["last"] for o in outs if o["role"] == "consumer"]
+        seconds = (max(lasts) - t0) if lasts else 0
+        verdict = "PASS" if lost == 0 and dups == 0 and len(outs) == 4 else "FAIL"
+        note = f"{verdict}: lost {lost}, duplicated {dups}, errors raised to the caller {errors}"
+        if len(outs) < 4:
+            note += f"; only {len(outs)} of 4 processes reported"
+        record("W4", S.LABELS[name], n=len(seen), seconds=seconds, procs=4, durability=durability, fsync=fsync,
+               baseline="W4/raw apsw (FULL)", note=note, lost=lost, duplicated=dups, errors=errors, passed=verdict == "PASS")
+
+
+# -- W5: write-to-delivery latency across processes ------------------------
+
+
+def _w5_producer(path: str, n: int, rate: float, start: Any, out: Any) -> None:
+    from stagger_sqlite import StaggerQueue
+
+    with StaggerQueue(path) as q:
+        start.wait()
+        t0 = time.monotonic()
+        for i in range(n):
+            due = t0 + i / rate
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            q.write({"id": i, "text": TEXT, "t": time.monotonic()})  # CLOCK_MONOTONIC is system-wide
+    out.put("done")
+
+
+def w5(env: Env, names: List[str]) -> None:
+    """Write-to-delivery latency: a producer process writes at 500/s, a
+    consumer process (this one) waits with consume(wait=True)."""
+    n = 500 if env.quick else 2500
+    path = env.path("w5")
+    from stagger_sqlite import StaggerQueue
+
+    with StaggerQueue(path) as q:
+        start = CTX.Event()
+        box = CTX.Queue()
+        p = CTX.Process(target=_w5_producer, args=(path, n, 500.0, start, box))
+        p.start()
+        lat = []
+        c = q.consume(ack=0, wait=30.0)
+        start.set()
+        t0 = time.perf_counter()
+        for seq, msg in c:
+            lat.append(time.monotonic() - msg["t"])
+            if len(lat) >= n:
+                break
+        c.close()
+        seconds = time.perf_counter() - t0
+        p.join(30)
+    record("W5", "stagger_sqlite full", n=len(lat), seconds=seconds, lat=lat, procs=2, durability="full",
+           fsync="yes", note="latency = write returned → consumer has it; producer paced at 500/s")
+
+
+# -- W6: 8 threads, one process -------------------------------------------
+
+
+def w6(env: Env, names: List[str]) -> None:
+    """8 threads of one process, each write durable when it returns."""
+    per = 150 if env.quick else 1000
+    for name in ("stagger-full", "raw-full"):
+        path = env.path(name)
+        shared = S.open_system(name, path) if name == "stagger-full" else None
+        if name == "raw-full":
+            S.open_system(name, path).close()
+        lats: List[List[float]] = [[] for _ in range(8)]
+        barrier = threading.Barrier(9)
+
+        def writer(k: int) -> None:
+            q = shared if shared is not None else S.open_system(name, path)  # raw: a connection per thread
+            barrier.wait()
+            for i in range(per):
+                t = time.perf_counter()
+                q.put(message(k * per + i))
+                lats[k].append(time.perf_counter() - t)
+            if shared is None:
+                q.close()
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - t0
+        if shared is not None:
+            shared.close()
+        label = S.LABELS[name] + (" (group commit)" if name == "stagger-full" else " (a connection per thread)")
+        row = record("W6", label, n=8 * per, seconds=seconds, lat=[x for l in lats for x in l], procs=1,
+                     durability="full", fsync="shared", baseline="W1/raw apsw (FULL)", note="8 threads")
+        w1s = find("W1/stagger_sqlite full")
+        if w1s and name == "stagger-full":
+            row["vs_w1_full"] = round(row["throughput"] / w1s["throughput"], 2)
+            row["note"] += f"; {row['vs_w1_full']}× single-thread W1 full"
+
+
+# -- W7: 4 producer processes ---------------------------------------------
+
+
+def _w7_producer(name: str, path: str, ids: range, start: Any, out: Any) -> None:
+    q = S.open_system(name, path)
+    start.wait()
+    lat = []
+    t0 = time.perf_counter()
+    for i in ids:
+        t = time.perf_counter()
+        q.put(message(i))
+        lat.append(time.perf_counter() - t)
+    end = time.perf_counter()
+    q.close()
+    out.put({"lat": lat, "t0": t0, "end": end})
+
+
+def w7(env: Env, names: List[str]) -> None:
+    """4 producer processes contending for the writer lock."""
+    per = 300 if env.quick else 1500
+    for name in ("stagger-full", "raw-full", "stagger-normal", "raw-normal"):
+        count = per if name.endswith("full") else per * 5
+        path = env.path(name)
+        S.open_system(name, path).close()
+        start = CTX.Event()
+        box = CTX.Queue()
+        procs = [CTX.Process(target=_w7_producer, args=(name, path, range(k * count, (k + 1) * count), start, box))
+                 for k in range(4)]
+        for p in procs:
+            p.start()
+        time.sleep(0.5)
+        start.set()
+        outs = [box.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join()
+        seconds = max(o["end"] for o in outs) - min(o["t0"] for o in outs)
+        durability = "full" if name.endswith("full") else "normal"
+        w1 = "W1/stagger_sqlite full" if durability == "full" else "W1/stagger_sqlite normal"
+        row = record("W7", S.LABELS[name], n=4 * count, seconds=seconds, lat=[x for o in outs for x in o["lat"]],
+                     procs=4, durability=durability, fsync="yes" if durability == "full" else "no",
+                     baseline=f"W1/raw apsw ({durability.upper()})", note="4 producer processes")
+        base = find(w1)
+        if base and name.startswith("stagger"):
+            row["vs_w1"] = round(row["throughput"] / base["throughput"], 2)
+            row["note"] += f"; {row['vs_w1']}× single-producer W1 {durability}"
+
+
+# -- W8: memory while draining ---------------------------------------------
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _w8_drain(path: str, out: Any) -> None:
+    from stagger_sqlite import StaggerQueue
+
+    with StaggerQueue(path, durability="normal") as q:
+        base = _rss_mb()
+        peak = base
+        count = 0
+        t0 = time.perf_counter()
+        for seq, msg in q.consume(ack=0, wait=False):
+            count += 1
+            if count % 5000 == 0:
+                peak = max(peak, _rss_mb())
+        seconds = time.perf_counter() - t0
+        peak = max(peak, _rss_mb())
+    out.put({"base": base, "peak": peak, "count": count, "seconds": seconds})
+
+
+def w8(env: Env, names: List[str]) -> None:
+    """RSS growth of a process draining a 1,000,000-message backlog."""
+    n = 100_000 if env.quick else 1_000_000
+    path = env.path("w8")
+    fill("stagger-normal", path, n)
+    (o,) = run_procs(_w8_drain, [(path,)])
+    growth = o["peak"] - o["base"]
+    record("W8", "stagger_sqlite normal", n=o["count"], seconds=o["seconds"], durability="normal", fsync="no",
+           note=f"RSS {o['base']:.1f} MB after open, peak {o['peak']:.1f} MB: growth {growth:.1f} MB",
+           rss_growth_mb=round(growth, 1))
+
+
+# -- targets ---------------------------------------------------------------
+
+
+def targets() -> List[Dict[str, Any]]:
+    """The issue's targets, checked against this run's rows."""
+    out = []
+
+    def ratio_target(label: str, key: str, wanted: float, field: str = "ratio") -> None:
+        r = find(key)
+        value = r.get(field) if r else None
+        out.append({"target": label, "wanted": f"≥ {wanted}×", "measured": _fmt(value) + "×" if value is not None else "not run",
+                    "met": value is not None and value >= wanted})
+
+    ratio_target("W1 full vs raw apsw FULL", "W1/stagger_sqlite full", 0.9)
+    ratio_target("W1 normal vs raw apsw NORMAL", "W1/stagger_sqlite normal", 0.5)
+    ratio_target("W2 write_many vs raw bulk + cbor2", "W2/stagger_sqlite normal", 0.8)
+    ratio_target("W3 drain vs raw scan + cbor2", "W3/stagger_sqlite normal", 0.5)
+    g = find("W3g/stagger_sqlite group ×4")
+    out.append({"target": "W3g 4 members", "wanted": "≥ 50,000 msg/s", "measured": _fmt(g["throughput"]) if g else "not run",
+                "met": bool(g and g["throughput"] >= 50_000)})
+    w4s = [r for r in RESULTS if r["workload"] == "W4"]
+    mine = [r for r in w4s if r["system"].startswith("stagger")]
+    peers_ok = [r for r in w4s if not r["system"].startswith(("stagger", "raw")) and r.get("passed")]
+    best_peer = max((r["throughput"] for r in peers_ok), default=0)
+    for r in mine:
+        ok = bool(r.get("passed")) and r["throughput"] > best_peer
+        out.append({"target": f"W4 {r['system']}", "wanted": "no loss/dup, ahead of passing peers",
+                    "measured": f"{r['note'].split(':')[0]}, {_fmt(r['throughput'])} vs best passing peer {_fmt(best_peer)}",
+                    "met": ok})
+    w5 = find("W5/stagger_sqlite full")
+    out.append({"target": "W5 latency", "wanted": "p50 ≤ 1 ms, p99 ≤ 5 ms",
+                "measured": f"p50 {_fmt(w5['p50_ms'])} ms, p99 {_fmt(w5['p99_ms'])} ms" if w5 else "not run",
+                "met": bool(w5 and w5["p50_ms"] is not None and w5["p50_ms"] <= 1 and w5["p99_ms"] <= 5)})
+    ratio_target("W6 8 threads vs single-thread W1 full", "W6/stagger_sqlite full (group commit)", 4.0, "vs_w1_full")
+    w7 = find("W7/stagger_sqlite full")
+    out.append({"target": "W7 4 producers (full)", "wanted": "≥ 1× W1 full, p99 ≤ 10 ms",
+                "measured": f"{_fmt(w7.get('vs_w1'))}×, p99 {_fmt(w7['p99_ms'])} ms" if w7 else "not run",
+                "met": bool(w7 and (w7.get("vs_w1") or 0) >= 1 and w7["p99_ms"] <= 10)})
+    w8 = find("W8/stagger_sqlite normal")
+    out.append({"target": "W8 RSS growth", "wanted": "≤ 50 MB",
+                "measured": f"{w8['rss_growth_mb']} MB" if w8 else "not run", "met": bool(w8 and w8["rss_growth_mb"] <= 50)})
+    return out
+
+
+# -- chart -----------------------------------------------------------------
+
+
+def chart(results: List[Dict[str, Any]], path: str) -> bool:
+    """Throughput and p99 latency per system, one bar per result row."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return False
+    rows = [r for r in results if r["workload"] != "limit" and r["throughput"] and r["unit"] == "msg/s"]
+    labels = [f"{r['workload']} {r['system']}" for r in rows]
+    colors = ["tab:blue" if r["system"].startswith("stagger") else "tab:gray" if r["system"].startswith("raw") else "tab:orange"
+              for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, max(6, 0.28 * len(rows))), sharey=True)
+    y = list(range(len(rows)))[::-1]
+    a.barh(y, [r["throughput"] for r in rows], color=colors)
+    a.set_xscale("log")
+    a.set_xlabel("throughput, messages/s (log)")
+    a.set_yticks(y)
+    a.set_yticklabels(labels, fontsize=8)
+    b.barh(y, [r["p99_ms"] or 0 for r in rows], color=colors)
+    b.set_xscale("symlog", linthresh=0.1)
+    b.set_xlabel("p99 latency per operation, ms (symlog)")
+    fig.suptitle("stagger_sqlite (blue) beside raw apsw (gray) and peers (orange); same run, same disk")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# -- main ------------------------------------------------------------------
+
+WORKLOADS = {"limits": limit_fsync, "W1": w1, "W2": w2, "W3": w3, "W3g": w3g, "W4": w4, "W5": w5, "W6": w6,
+             "W7": w7, "W8": w8}
+
+
+def machine(quick: bool) -> Dict[str, Any]:
+    cpus = os.cpu_count()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    return {
+        "summary": f"{cpus} cores ({model}), {platform.system()} {platform.release()}, Python {platform.python_version()}, "
+                   f"SQLite {apsw.sqlite_lib_version()}",
+        "cpus": cpus,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "mode": "quick" if quick else "full",
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the benchmarks; returns an exit status (0 even when a target is missed)."""
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: about a minute")
+    parser.add_argument("--only", help="comma-separated workloads, e.g. W1,W6 (default: all)")
+    parser.add_argument("--no-peers", action="store_true", help="only stagger_sqlite and raw apsw")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for results.{md,json,png}")
+    parser.add_argument("--publish", action="store_true", help="also copy the table and chart to docs/")
+    args = parser.parse_args(argv)
+    chosen = list(WORKLOADS) if not args.only else ["limits"] + [w.strip() for w in args.only.split(",")]
+    unknown = [w for w in chosen if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
+    names = []
+    for p in S.PEERS:
+        why = None if not args.no_peers else "--no-peers"
+        why = why or S.available(p)
+        if why:
+            print(f"skipping {S.LABELS[p]}: {why}", file=sys.stderr)
+        else:
+            names.append(p)
+    info = machine(args.quick)
+    print(f"# stagger_sqlite benchmarks ({info['mode']}), {info['summary']}", flush=True)
+    RESULTS.clear()
+    env = Env(args.quick)
+    try:
+        for w in chosen:
+            WORKLOADS[w](env, names)
+    finally:
+        env.cleanup()
+    checked = targets()
+    print()
+    for t in checked:
+        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: wanted {t['wanted']}, measured {t['measured']}")
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(RESULTS, checked, info)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"machine": info, "message_bytes": MSG_BYTES, "results": RESULTS, "targets": checked}, f, indent=1)
+    png = os.path.join(args.out, "results.png")
+    drew = chart(RESULTS, png)
+    print(f"\nwrote {args.out}/results.md, results.json" + (", results.png" if drew else ""))
+    if args.publish:
+        docs = os.path.join(ROOT, "docs")
+        os.makedirs(docs, exist_ok=True)
+        shutil.copy(os.path.join(args.out, "results.md"), os.path.join(docs, "benchmarks.md"))
+        if drew:
+            shutil.copy(png, os.path.join(docs, "benchmarks.png"))
+        print(f"copied to {docs}/benchmarks.md" + (" and benchmarks.png" if drew else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

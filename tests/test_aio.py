@@ -1,0 +1,155 @@
+"""asyncio: awrite, awrite_many, aconsume (waiting never blocks the loop)."""
+
+import asyncio
+import subprocess
+import sys
+import threading
+
+from stagger_sqlite import StaggerQueue
+from stagger_sqlite import wakeup
+
+DEADLINE = 60
+
+WRITE = "import sys\nfrom stagger_sqlite import StaggerQueue\nStaggerQueue(sys.argv[1]).write_many(sys.argv[2:])"
+
+
+async def write_from_other_process(path, *msgs):
+    p = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITE, path, *msgs)
+    assert await asyncio.wait_for(p.wait(), DEADLINE) == 0
+
+
+def test_awrite_and_awrite_many(qpath):
+    async def main():
+        with StaggerQueue(qpath) as q:
+            assert await q.awrite({"a": 1}) == 1
+            assert await q.awrite_many(iter(["b", "c"])) == [2, 3]
+            assert await q.awrite_many([]) == []
+            return list(q.consume(wait=False))
+
+    assert asyncio.run(main()) == [(1, {"a": 1}), (2, "b"), (3, "c")]
+
+
+def test_aconsume_wait_lets_other_tasks_run(qpath):
+    async def main():
+        q = StaggerQueue(qpath)
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async def consume():
+            got = []
+            async for seq, msg in q.aconsume(wait=True):
+                got.append((seq, msg))
+                if len(got) == 2:
+                    return got
+
+        tick = asyncio.create_task(ticker())
+        consumer = asyncio.create_task(consume())
+        while ticks < 20:  # the consumer is waiting, the loop keeps ticking
+            await asyncio.sleep(0.01)
+        assert not consumer.done()
+        await write_from_other_process(qpath, "x", "y")
+        got = await asyncio.wait_for(consumer, DEADLINE)
+        tick.cancel()
+        q.close()
+        return got
+
+    assert asyncio.run(main()) == [(1, "x"), (2, "y")]
+
+
+def test_cancelling_a_waiting_aconsume_leaves_the_queue_usable(qpath):
+    async def main():
+        q = StaggerQueue(qpath)
+        await q.awrite("one")
+        c = q.aconsume(wait=True)
+
+        async def take(n):
+            out = []
+            async for item in c:
+                out.append(item)
+                if len(out) == n:
+                    return out
+
+        assert await asyncio.wait_for(take(1), DEADLINE) == [(1, "one")]
+        waiting = asyncio.create_task(take(1))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            pass
+        # Nothing of the cancelled wait stays registered with the wake-up hub.
+        hub = wakeup._HUB
+        if hub is not None:
+            assert all(not ch.listeners for ch in hub.channels.values())
+        # The same consumer, a new async one and a sync one all still work.
+        await write_from_other_process(qpath, "two")
+        assert await asyncio.wait_for(take(1), DEADLINE) == [(2, "two")]
+        assert [s async for s, _ in q.aconsume(wait=False)] == [1, 2]
+        assert [s for s, _ in q.consume(wait=False)] == [1, 2]
+        assert await q.awrite("three") == 3
+        q.close()
+
+    asyncio.run(main())
+
+
+def test_aconsume_wait_seconds_ends_and_passes_arguments_through(qpath):
+    async def main():
+        with StaggerQueue(qpath) as q:
+            await q.awrite_many(range(5))
+            async with q.aconsume(2, batch=2, wait=0.3) as c:
+                got = [item async for item in c]
+                assert c.position == 5
+            return got
+
+    assert asyncio.run(main()) == [(3, 2), (4, 3), (5, 4)]
+
+
+def test_close_from_another_thread_ends_aconsume(qpath):
+    async def main():
+        q = StaggerQueue(qpath)
+        loop = asyncio.get_running_loop()
+
+        async def consume():
+            return [item async for item in q.aconsume(wait=True)]
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        await loop.run_in_executor(None, q.close)
+        return await asyncio.wait_for(task, DEADLINE)
+
+    assert asyncio.run(main()) == []
+
+
+def test_scheduled_message_reaches_aconsume(qpath):
+    async def main():
+        with StaggerQueue(qpath) as q:
+            q.schedule("later", delay=0.2)
+            async for item in q.aconsume(wait=DEADLINE):
+                return item
+
+    assert asyncio.run(main()) == (1, "later")
+
+
+def test_many_async_consumers_share_one_wakeup_thread(qpath):
+    async def main():
+        with StaggerQueue(qpath) as q:
+            async def one():
+                async for item in q.aconsume(wait=DEADLINE):
+                    return item
+
+            before = threading.active_count()
+            tasks = [asyncio.create_task(one()) for _ in range(50)]
+            await asyncio.sleep(0.2)
+            during = threading.active_count()
+            await write_from_other_process(qpath, "all")
+            got = await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE)
+            return got, during - before
+
+    got, extra_threads = asyncio.run(main())
+    assert got == [(1, "all")] * 50
+    assert extra_threads <= 1  # at most the process's wake-up thread
