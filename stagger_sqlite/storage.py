@@ -269,7 +269,16 @@ class Storage:
     def _writer_lock(self) -> WriterLock:
         # Opened on first write, so a read-only directory still allows reads.
         if self._lock is None:
-            self._lock = WriterLock(self.lock_path, self.mode)
+            try:
+                self._lock = WriterLock(self.lock_path, self.mode)
+            except OSError as e:
+                # A read-only mount says EROFS, which is no PermissionError:
+                # callers get one error for "cannot write here", naming the file.
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                raise PermissionError(
+                    e.errno, f"cannot open the writer lock file {self.lock_path} ({e.strerror}): writes are refused, reads still work", self.lock_path
+                ) from None
         return self._lock
 
     def _locked(self, fn: Callable[[], T]) -> T:
