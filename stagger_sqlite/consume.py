@@ -13,7 +13,7 @@ import collections
 import time
 from typing import TYPE_CHECKING, Any, Deque, Iterator, Optional, Tuple, Union
 
-from .errors import AckOutOfRangeError
+from .errors import AckOutOfRangeError, QueueClosedError
 from .validate import check_int, check_wait
 from .wakeup import Waiter
 
@@ -92,7 +92,11 @@ class Consumer:
                 seq, body = self._rows.popleft()
                 self.position = seq
                 return seq, self._queue.decode(body, seq)
-            rows = self._queue.read_page(self.position, self._batch)
+            try:
+                rows = self._queue.read_page(self.position, self._batch)
+            except QueueClosedError:
+                # closed by another thread between the check above and the read
+                raise StopIteration from None
             if rows:
                 self._rows.extend(rows)
                 self._idle_deadline = None

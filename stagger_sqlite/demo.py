@@ -81,7 +81,7 @@ def run(path: Optional[str] = None, messages: int = 10000, producers: int = 2, p
         done_base = done.last_seq
         print(f"demo: {producers} producer(s) write {messages} jobs to {path}; "
               f"{processes} worker process(es) run them", file=sys.stderr)
-        pool = WorkerPool(path, GROUP, handle, processes=processes, batch=20, lease=5.0, max_attempts=10)
+        pool = WorkerPool(path, GROUP, handle, processes=processes, batch=20, lease=2.0, max_attempts=10)
         # Jobs are numbered from the queue's current end, so reruns on one file add up.
         first = base + 1
         ctx = multiprocessing.get_context("spawn")

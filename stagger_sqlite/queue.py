@@ -147,6 +147,8 @@ class StaggerQueue:
             raise ValueError(f"`durability` must be 'full' or 'normal', not {durability!r}")
         timeout = check_seconds("timeout", timeout)
         check_int("mode", mode)
+        if mode > 0o7777:
+            raise ValueError(f"`mode` must be permission bits (at most 0o7777), not {mode:#o}")
         self._codec = codecs.resolve(codec)
         self.path = os.fspath(path)
         if not isinstance(self.path, str):

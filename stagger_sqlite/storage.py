@@ -32,6 +32,11 @@ from .wakeup import CloseEvent
 
 T = TypeVar("T")
 
+#: Seconds a group-commit leader waits for more writers when threads contend.
+#: Zero is enough: the sleep releases the GIL, and the threads the last commit
+#: released get to queue their next writes (batches grow from ~3 to ~7 of 8).
+GATHER = 0.0
+
 #: Milliseconds SQLite's own busy handler may wait when no timeout was given.
 FOREVER_MS = 2**31 - 1
 
@@ -50,7 +55,10 @@ def sqlite_errors(path: str) -> Iterator[None]:
     except apsw.FullError as e:
         raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
     except (apsw.BusyError, apsw.LockedError) as e:
-        raise LockTimeoutError(f"{path} stayed locked by another connection for the whole timeout ({e}); nothing was written") from None
+        # Not SQLite's own words: "database is locked" is what users must never see.
+        raise LockTimeoutError(
+            f"{path} was held by a writer outside stagger_sqlite's writer lock for the whole timeout; nothing was written"
+        ) from None
     except apsw.ReadOnlyError as e:
         raise PermissionError(errno.EACCES, f"{path} is read-only here ({e}): writes are refused, reads still work", path) from None
     except apsw.NotADBError as e:
@@ -95,6 +103,7 @@ def _after_fork_child() -> None:
         s._group = threading.Condition(threading.Lock())
         s._pending = []
         s._leading = False
+        s._crowd = 0
     _FORKING.clear()
 
 
@@ -148,6 +157,7 @@ class Storage:
         self._group = threading.Condition(threading.Lock())
         self._pending: List[_Job] = []
         self._leading = False
+        self._crowd = 0  # size of the last batch: >1 means threads contend
         self._conn: Optional[apsw.Connection] = None
         self._lock: Optional[WriterLock] = None
         self._closed = False
@@ -242,6 +252,15 @@ class Storage:
                 if conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
                     # Someone switched the file out of WAL; concurrent readers need it.
                     self._locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall())
+            except apsw.ReadOnlyError:
+                conn.close()
+                # Reading a WAL file needs its -shm: SQLite could not create it.
+                raise PermissionError(
+                    errno.EACCES,
+                    f"cannot open {self.path}: it is read-only and SQLite may not create "
+                    f"{self.path}-wal/-shm beside it (a WAL-mode file needs them even to read)",
+                    self.path,
+                ) from None
             except BaseException:
                 conn.close()
                 raise
@@ -250,7 +269,16 @@ class Storage:
     def _writer_lock(self) -> WriterLock:
         # Opened on first write, so a read-only directory still allows reads.
         if self._lock is None:
-            self._lock = WriterLock(self.lock_path, self.mode)
+            try:
+                self._lock = WriterLock(self.lock_path, self.mode)
+            except OSError as e:
+                # A read-only mount says EROFS, which is no PermissionError:
+                # callers get one error for "cannot write here", naming the file.
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                raise PermissionError(
+                    e.errno, f"cannot open the writer lock file {self.lock_path} ({e.strerror}): writes are refused, reads still work", self.lock_path
+                ) from None
         return self._lock
 
     def _locked(self, fn: Callable[[], T]) -> T:
@@ -263,7 +291,7 @@ class Storage:
 
     @staticmethod
     def _busy_ms(seconds: Optional[float]) -> int:
-        if seconds is None:
+        if seconds is None or seconds * 1000 >= FOREVER_MS:  # also float("inf")
             return FOREVER_MS
         return max(1, min(FOREVER_MS, int(seconds * 1000)))
 
@@ -319,7 +347,14 @@ class Storage:
             if not job.done:
                 # Lead: take every writer waiting now (ourselves included).
                 self._leading = True
+                if self._crowd > 1:
+                    # The last batch's writers are coming back with their
+                    # next writes: a moment's pause lets them join this one.
+                    self._group.release()
+                    time.sleep(GATHER)
+                    self._group.acquire()
                 batch, self._pending = self._pending, []
+                self._crowd = len(batch)
         if not job.done:
             try:
                 self._commit_batch(batch, job)
@@ -348,8 +383,13 @@ class Storage:
                         self._run_batch(conn, batch)
                 finally:
                     lock.release()
+                    if remaining is not None:  # reads get the whole timeout again
+                        conn.set_busy_timeout(self._busy_ms(self.timeout))
                 if any(j.notify for j in batch if j.error is None):
-                    lock.ring()
+                    # The batch has committed: a failed notification must not
+                    # make it look failed (a write that raises wrote nothing).
+                    with contextlib.suppress(OSError):
+                        lock.ring()
         except BaseException as e:
             for j in batch:
                 if j.error is None:

@@ -115,15 +115,17 @@ class Worker:
     def run(self) -> None:
         try:
             while not self.stopping:
+                due = self.limiter.due(self.q) if self.limiter else 0.0
                 if control.is_paused(self.q, self.opts.group):
                     time.sleep(POLL)
+                elif due > 0:
+                    # The group's next hand-out is not due: a read, not a claim attempt.
+                    time.sleep(min(due, POLL))
                 elif not self.opts.batch_handler:
                     self._stream()
                 elif not self._one_batch():
-                    # Nothing claimable (back off), or the next hand-out is
-                    # not due (sleep until it is; a little at a time, to see flags).
-                    due = self.limiter.due(self.q) if self.limiter else 0.0
-                    time.sleep(min(due or self._idle, POLL))
+                    # Nothing claimable, or the rate's next hand-out not due: back off.
+                    time.sleep(self._idle)
                     self._idle = min(self._idle * 2, POLL)
                 else:
                     self._idle = 0.01

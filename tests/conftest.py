@@ -19,3 +19,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("
 def qpath(tmp_path):
     """Path of a queue file that does not exist yet."""
     return str(tmp_path / "q.db")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the figures the fault-injection tests recorded (tests/faults.py)."""
+    from tests.faults import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("stagger_sqlite figures")
+        for name, values in FIGURES.items():
+            terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
