@@ -449,3 +449,19 @@ def test_keyboard_interrupt_releases_everything_without_an_attempt(q):
     info = q.groups()["g"]
     assert (info.acked, info.in_flight, info.retrying, info.dead) == (1, 0, 0, 0)
     assert drain(q, "g", lease=30) == [2, 3]  # at once: no lease wait, no backoff
+
+
+def test_member_that_lost_its_lease_hands_out_nothing_stale(q):
+    q.write_many(["a", "b", "c"])
+    old = q.consume(group="g", batch=3, lease=0.5, wait=False)
+    assert next(old)[0] == 1  # old holds 1, 2, 3
+    new = q.consume(group="g", batch=3, lease=30, wait=30)
+    assert next(new)[0] == 1  # after old's lease expired: 1, 2, 3 went back
+    # old goes on: its implicit ack of 1 must not touch new's delivery, and
+    # 2 and 3 are no longer its own: it gets them only by claiming them anew.
+    rest = [s for s, _ in old]
+    assert sorted(rest) == [2, 3]
+    assert q.groups()["g"].in_flight == 1  # 1, still with new
+    assert new.ack(1) is True
+    new.close()
+    assert q.groups()["g"] == GroupInfo(acked=3, in_flight=0, retrying=0, lag=0, dead=0, delivered=3)
