@@ -26,6 +26,8 @@ and its figures; ``main(quick=False)`` returns them as a dict (used by
 4. schedule  -- a consumer process waits; messages are scheduled 0.3 s ahead,
                 nothing else is written; how late after its due time each is
                 delivered.
+``--producer`` runs workload 3 alone.
+
 5. the same latency workload with the pure-poll fallback
    (``STAGGER_SQLITE_WAKEUP=poll``), the alternative to inotify.
 """
@@ -196,13 +198,21 @@ def producer_slowdown(tmp: str, consumers: int, writes: int, rounds: int) -> Dic
             _ready(p)
         time.sleep(1.0)
         stopped, running = [], []
+        cpu0, wall0, spent = sum(_cpu_seconds(p.pid) for p in procs), time.monotonic(), 0.0
         for _ in range(rounds):
             if name == "idle":
                 _signal_all(procs, signal.SIGSTOP)
                 stopped.append(_write_round(own, writes))
                 _signal_all(procs, signal.SIGCONT)
                 time.sleep(0.3)
+            t0 = time.monotonic()
             running.append(_write_round(own, writes))
+            spent += time.monotonic() - t0
+        # CPU the consumers burnt, per second they were running (stopped
+        # rounds use none), as a share of one core.
+        used = sum(_cpu_seconds(p.pid) for p in procs) - cpu0
+        running_s = spent if name == "idle" else time.monotonic() - wall0
+        result[f"{name}_consumers_cpu_percent_of_core"] = round(100 * used / running_s, 2)
         for p in procs:
             p.kill()
         for p in procs:
@@ -242,7 +252,7 @@ def schedule_lateness(tmp: str, count: int) -> Dict[str, Any]:
             "late_p50_ms": round(_pct(late, 50), 2), "late_max_ms": round(max(late), 2)}
 
 
-def main(quick: bool = False) -> Dict[str, Any]:
+def main(quick: bool = False, only: str = "") -> Dict[str, Any]:
     """Run every workload (shorter with ``quick``) and return the figures."""
     results: Dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
@@ -250,6 +260,9 @@ def main(quick: bool = False) -> Dict[str, Any]:
         "mechanism": wakeup.mechanism(),
     }
     with tempfile.TemporaryDirectory(prefix="stagger-bench-latency-") as tmp:
+        if only == "producer":
+            results["producer"] = producer_slowdown(tmp, 20 if quick else 100, 300 if quick else 1000, 3 if quick else 5)
+            return results
         results["latency"] = latency(tmp, 2.0 if quick else 10.0)
         results["idle_cpu"] = idle_cpu(tmp, 3.0 if quick else 20.0)
         results["producer"] = producer_slowdown(tmp, 20 if quick else 100, 300 if quick else 1000, 3 if quick else 5)
@@ -261,6 +274,8 @@ def main(quick: bool = False) -> Dict[str, Any]:
 
 def _print(results: Dict[str, Any]) -> None:
     print(f"machine: {results['machine']}; wake-up mechanism: {results['mechanism']}")
+    if "latency" not in results:
+        return _print_producer(results["producer"])
     lat = results["latency"]
     print(f"latency  producer process -> waiting consumer process, {lat['writes']} writes of 100 bytes "
           f"at {lat['rate_per_s']}/s, durability=full:")
@@ -269,7 +284,11 @@ def _print(results: Dict[str, Any]) -> None:
     cpu = results["idle_cpu"]
     print(f"idle     consumer waiting (wait=True) on a queue nobody writes, {cpu['seconds']} s: "
           f"{cpu['cpu_s']} s CPU = {cpu['percent_of_core']} % of a core (clock tick {cpu['clock_tick_s']} s)")
-    pr = results["producer"]
+    _print_producer(results["producer"])
+    _print_rest(results)
+
+
+def _print_producer(pr: Dict[str, Any]) -> None:
     print(f"producer {pr['writes']} writes as fast as it can, durability=full, medians of {pr['rounds']} rounds; "
           f"alone: {pr['alone_writes_per_s']}/s, {pr['alone_cpu_us_per_write']} µs CPU/write")
     for name, what, base in (
@@ -279,7 +298,11 @@ def _print(results: Dict[str, Any]) -> None:
         print(f"         {pr['consumers']} consumer processes {what}: {pr[name + '_writes_per_s']}/s, "
               f"{pr[name + '_cpu_us_per_write']} µs CPU/write; {base}: "
               f"{pr[name + '_baseline_writes_per_s']}/s, {pr[name + '_baseline_cpu_us_per_write']} µs CPU/write; "
-              f"slowdown {pr[name + '_slowdown_percent']} %")
+              f"slowdown {pr[name + '_slowdown_percent']} %; the consumers together used "
+              f"{pr[name + '_consumers_cpu_percent_of_core']} % of a core")
+
+
+def _print_rest(results: Dict[str, Any]) -> None:
     sc = results["schedule"]
     print(f"schedule {sc['scheduled']} messages due 0.1 s apart, a consumer process waiting, no other writes: "
           f"late by p50 {sc['late_p50_ms']} ms, max {sc['late_max_ms']} ms")
@@ -289,4 +312,4 @@ def _print(results: Dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    _print(main(quick="--quick" in sys.argv[1:]))
+    _print(main(quick="--quick" in sys.argv[1:], only="producer" if "--producer" in sys.argv[1:] else ""))

@@ -84,7 +84,8 @@ class RawQueue:
 
 
 class Stagger:
-    """stagger_sqlite; ``take`` is a consumer-group member (SPEC §4)."""
+    """stagger_sqlite. It has no ``take``: competing consumers are members
+    of a consumer group (SPEC §4), run as such by ``run.py``."""
 
     label = "stagger_sqlite"
 
@@ -95,30 +96,12 @@ class Stagger:
         self.durability = durability
         self.fsync = durability == "full"
         self.batch = batch
-        self._member: Optional[Iterator[Tuple[int, Any]]] = None
-        self._consumer: Any = None
 
     def put(self, msg: Any) -> None:
         self.q.write(msg)
 
     def put_many(self, msgs: List[Any]) -> None:
         self.q.write_many(msgs)
-
-    def take(self) -> Optional[Tuple[Any, Any]]:
-        # A group member: asking for the next message acks the previous one.
-        if self._consumer is None:
-            self._consumer = self.q.consume(group=GROUP, batch=self.batch, wait=False)
-            self._member = iter(self._consumer)
-        try:
-            seq, msg = next(self._member)  # type: ignore[arg-type]
-        except StopIteration:
-            self._consumer.close()
-            self._consumer = None
-            return None
-        return msg, seq
-
-    def done(self, token: Any) -> None:
-        pass  # acked by the next take(), or by close()
 
     def drain(self, n: int) -> Iterator[Any]:
         for i, (seq, msg) in enumerate(self.q.consume(ack=0, batch=self.batch, wait=False)):
@@ -127,8 +110,6 @@ class Stagger:
                 return
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
         self.q.close()
 
 
@@ -196,7 +177,8 @@ class PQ:
         self.q.put(msg)
 
     def put_many(self, msgs: List[Any]) -> None:
-        # Its batch form: auto_commit=False, then task_done() commits.
+        # Its documented batch form: auto_commit=False, then task_done()
+        # (for SQLite each put still commits: its `with conn` block does).
         self.q.auto_commit = False
         for m in msgs:
             self.q.put(m)

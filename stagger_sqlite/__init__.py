@@ -18,6 +18,7 @@ from .errors import (
 )
 from .groups import DeadLetter, GroupConsumer, GroupInfo
 from .queue import StaggerQueue
+from .workers import WorkerPool
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "StaggerQueue",
     "Consumer",
     "GroupInfo",
+    "WorkerPool",
     "DeadLetter",
     "StaggerError",
     "QueueClosedError",

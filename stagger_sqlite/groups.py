@@ -14,7 +14,12 @@ How it is stored (tables in schema.py):
 The costs: a member claims up to ``batch`` messages in one short write
 transaction, which also deletes the rows it finished since its last claim
 (implicit acks are batched; a message is finished locally, at once, when the
-next one is asked for). Per message, the rest is Python-level work.
+next one is asked for). Both are set-wise statements (``INSERT ... SELECT``,
+a delete by token range): binding rows one by one from Python costs more than
+SQLite's own work. Per message, the rest is Python-level work.
+
+Hand-out order: due redeliveries first, in the order they fell due (index
+``deliveries_ready``), then new messages in seqno order.
 
 Which message killed a member? A member writes nothing when it starts a
 message (that would be a transaction per message). When a batch's lease
@@ -69,14 +74,16 @@ SQL_DUE = """SELECT d.seq, d.state, d.attempts, d.error, coalesce(d.body, m.body
     FROM deliveries d LEFT JOIN messages m ON m.seq = d.seq
     WHERE d.grp = ? AND d.ready <= ? ORDER BY d.ready, d.seq LIMIT ?"""
 SQL_NEW = "SELECT seq, body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
-SQL_INSERT = "INSERT INTO deliveries (grp, seq, state, token, ready) VALUES (?, ?, 0, ?, ?)"
+SQL_INSERT_NEW = """INSERT INTO deliveries (grp, seq, state, token, ready)
+    SELECT ?, seq, 0, ?, ? FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"""
+SQL_FINISH_RANGE = "DELETE FROM deliveries WHERE grp = ? AND seq BETWEEN ? AND ? AND token = ? AND state < 2"
 SQL_TAKE = "UPDATE deliveries SET state = ?, token = ?, ready = ? WHERE grp = ? AND seq = ?"
 SQL_NEXT_READY = "SELECT min(ready) FROM deliveries WHERE grp = ?"
 SQL_LOWEST = "SELECT min(seq) FROM deliveries WHERE grp = ?"
 SQL_RELEASE = """UPDATE deliveries SET state = state + 2, token = 0, ready = ?
     WHERE grp = ? AND seq = ? AND token = ? AND state < 2"""
-SQL_RENEW = "UPDATE deliveries SET ready = ? WHERE grp = ? AND token = ? AND state < 2"
-SQL_HELD = "SELECT seq FROM deliveries WHERE grp = ? AND token = ? AND state < 2"
+SQL_RENEW = "UPDATE deliveries SET ready = ? WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
+SQL_HELD = "SELECT 1 FROM deliveries WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
 SQL_ROW = """SELECT d.attempts, d.error, coalesce(d.body, m.body) FROM deliveries d
     LEFT JOIN messages m ON m.seq = d.seq WHERE d.grp = ? AND d.seq = ? AND d.token = ? AND d.state < 2"""
 SQL_BURY = "INSERT OR REPLACE INTO dead_letters (grp, seq, body, attempts, error, at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -289,6 +296,7 @@ class GroupConsumer:
             check_int("purge", purge)
         self._queue = queue
         self._storage = queue._storage
+        self._loads = queue._codec.loads
         self._rows: Deque[Tuple[int, bytes]] = collections.deque()
         self._token = 0  # of the claim in self._rows
         self._renew_at = 0.0
@@ -297,6 +305,11 @@ class GroupConsumer:
         self._done: List[Tuple[str, int, int]] = []  # finished locally, to delete at the next write
         self._idle = False  # the last claim found nothing: look before taking the writer lock
         self._idle_deadline: Optional[float] = None  # on self: under asyncio __next__ is re-entered
+        #: Optional hook (the worker pool's rate limit, ``control.RateLimiter``):
+        #: ``allow(conn, now, want) -> (n, due)`` caps a claim at ``n`` messages
+        #: (0: claim nothing, wait until ``due``); ``spend(conn, now, n)``
+        #: records ``n`` hand-outs. Both run inside the claim's transaction.
+        self.claim_limit: Any = None
         self._closed = False
         self._entered = False
         # Before the first claim (the Waiter protocol): no ring is missed.
@@ -358,6 +371,18 @@ class GroupConsumer:
         if self._in_hand is not None:
             self._done.append((self.group, self._in_hand, self._in_hand_token))
             self._in_hand = None
+        # Fast path, a claimed message in memory and no lease renewal due:
+        # this runs once per message, so it skips the layers below.
+        rows = self._rows
+        if rows and not self._closed and not self._storage._closed and time.time() < self._renew_at:
+            seq, body = rows.popleft()
+            try:
+                msg = self._loads(body)
+            except Exception:
+                rows.appendleft((seq, body))  # the slow path dead-letters it
+            else:
+                self._in_hand, self._in_hand_token = seq, self._token
+                return seq, msg
         while True:
             if self._closed or self._storage.closed:
                 raise StopIteration
@@ -372,10 +397,10 @@ class GroupConsumer:
                     self._safely(lambda: self._bury_undecodable(seq, self._token, str(e)))
                     continue
                 self._in_hand, self._in_hand_token = seq, self._token
-                self._idle_deadline = None
                 return seq, msg
             next_ready = self._safely(self._claim)
             if self._rows:
+                self._idle_deadline = None
                 self._waiter.reset()
                 continue
             # Nothing claimable. Scheduled messages that are due become
@@ -435,7 +460,10 @@ class GroupConsumer:
             claimable, ready = self._storage.read(lambda conn: self._lookup(conn, now), snapshot=True)
             if not claimable:
                 return ready
-        rows, token, ready = self._write(self._claim_tx)
+        # Every row this member still holds is in self._done now (nothing in
+        # hand, nothing unhanded), so the claim may delete them by token range.
+        whole = not self._rows and self._in_hand is None
+        rows, token, ready = self._write(lambda conn, done: self._claim_tx(conn, done, whole))
         self._idle = not rows
         if rows:
             self._rows.extend(rows)
@@ -451,15 +479,32 @@ class GroupConsumer:
         ready = conn.execute(SQL_NEXT_READY, (self.group,)).fetchall()[0][0]
         return (ready is not None and ready <= now), ready
 
-    def _claim_tx(self, conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Tuple[List[Tuple[int, bytes]], int, Optional[float]]:
+    def _claim_tx(
+        self, conn: apsw.Connection, done: List[Tuple[str, int, int]], whole: bool = False
+    ) -> Tuple[List[Tuple[int, bytes]], int, Optional[float]]:
         """One transaction: delete the finished, sweep expired leases, claim.
 
         Due redeliveries come first (in the order they fell due), then new
         messages in seqno order. A message back from an expired batch lease
-        is claimed alone (see the module docstring)."""
+        is claimed alone (see the module docstring).
+
+        ``whole``: ``done`` holds every row this member still holds, so each
+        claim token's rows go in one range delete (tokens are unique to one
+        claim, so the range cannot touch anyone else's rows)."""
         now = time.time()
         group = self.group
-        if done:
+        if done and whole:
+            spans: Dict[int, List[int]] = {}
+            for _, seq, tok in done:
+                span = spans.get(tok)
+                if span is None:
+                    spans[tok] = [seq, seq]
+                elif seq < span[0]:
+                    span[0] = seq
+                elif seq > span[1]:
+                    span[1] = seq
+            conn.executemany(SQL_FINISH_RANGE, [(group, lo, hi, tok) for tok, (lo, hi) in spans.items()])
+        elif done:
             conn.executemany(SQL_FINISH, done)
         row = conn.execute(SQL_GROUP, (group,)).fetchall()
         if row:
@@ -469,9 +514,14 @@ class GroupConsumer:
             cursor, token = 0, 0
         token += 1
         deadline = now + self._lease
+        batch = self._batch
+        if self.claim_limit is not None:
+            batch, due = self.claim_limit.allow(conn, now, batch)
+            if batch < 1:
+                return [], 0, due
         alone: Optional[Tuple[int, bytes]] = None
         again: List[Tuple[int, bytes]] = []
-        for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, self._batch)).fetchall():
+        for seq, state, attempts, error, body in conn.execute(SQL_DUE, (group, now, batch)).fetchall():
             if body is None:  # cannot happen: purge stops below unfinished messages
                 conn.execute(SQL_DROP, (group, seq))
                 continue
@@ -495,32 +545,39 @@ class GroupConsumer:
         else:
             conn.executemany(SQL_TAKE, [(CLAIMED, token, deadline, group, seq) for seq, _ in again])
             rows = again
-            want = self._batch - len(again)
+            want = batch - len(again)
             if want > 0:
+                # One statement for the rows (binding them one by one costs
+                # more than SQLite's own work), then the same rows' bodies:
+                # nobody else writes while we hold the writer lock.
+                conn.execute(SQL_INSERT_NEW, (group, token, deadline, cursor, want))
                 new = conn.execute(SQL_NEW, (cursor, want)).fetchall()
                 if new:
-                    conn.executemany(SQL_INSERT, [(group, seq, token, deadline) for seq, _ in new])
                     cursor = new[-1][0]
                     rows = rows + new
                 if len(new) < want:
                     cursor = max(cursor, _last_seq(conn))  # everything above was purged or never written
         if rows:
             conn.execute(SQL_SET_GROUP, (cursor, token, group))
+            if self.claim_limit is not None:
+                self.claim_limit.spend(conn, now, len(rows))
             return rows, token, None
         conn.execute(SQL_SET_GROUP, (cursor, token - 1, group))
         return [], 0, conn.execute(SQL_NEXT_READY, (group,)).fetchall()[0][0]
 
     def _renew(self) -> None:
         """Push the lease of what this member still holds; drop what it lost."""
-        token, expected = self._token, len(self._rows)
+        token, seqs = self._token, [seq for seq, _ in self._rows]
 
         def renew(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Optional[set]:
             if done:
                 conn.executemany(SQL_FINISH, done)
-            conn.execute(SQL_RENEW, (time.time() + self._lease, self.group, token))
-            if conn.changes() == expected:
+            before = conn.total_changes()
+            deadline = time.time() + self._lease
+            conn.executemany(SQL_RENEW, [(deadline, self.group, seq, token) for seq in seqs])
+            if conn.total_changes() - before == len(seqs):
                 return None
-            return {r[0] for r in conn.execute(SQL_HELD, (self.group, token)).fetchall()}
+            return {seq for seq in seqs if conn.execute(SQL_HELD, (self.group, seq, token)).fetchall()}
 
         held = self._write(renew)
         if held is not None and token == self._token:

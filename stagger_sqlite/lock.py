@@ -40,9 +40,11 @@ MIN_POLL = 0.00005
 FAST_POLL = 0.0001
 FAST_FOR = 0.05
 #: A writer that released the lock less than RECENT seconds ago is writing
-#: back to back; if others wait, it first sleeps COURTESY (longer than a
-#: waiter's FAST_POLL, so one of them takes the lock in between).
+#: back to back; once it has done so for SLICE seconds and others wait, it
+#: first sleeps COURTESY (longer than a waiter's FAST_POLL, so one of them
+#: takes the lock in between).
 RECENT = 0.002
+SLICE = 0.001
 COURTESY = 0.0003
 #: The byte of the lock file that waiters lock (shared) to announce themselves.
 WAITER_BYTE = 1
@@ -74,25 +76,32 @@ class WriterLock:
         self.path = lock_path
         self.fd: Optional[int] = open_lock_file(lock_path, mode)
         self._released_at = -1e9
+        self._run_start = 0.0
 
     def acquire(self, timeout: Optional[float]) -> None:
         """Take the lock, waiting up to ``timeout`` seconds (``None``: forever).
 
-        Fair hand-off: a writer that released the lock a moment ago and finds
-        other processes waiting for it steps aside once (it waits its turn
-        like them) instead of taking it straight back; otherwise a busy
-        producer would re-take the lock within microseconds of each release
-        and the others, which can only notice a release by polling, would
-        starve (tens of milliseconds at p99 with 4 producers).
+        Fair hand-off: a writer that has been taking the lock back to back for
+        ``SLICE`` seconds and finds other processes waiting for it steps aside
+        once (it waits its turn like them) instead of taking it straight
+        back; otherwise a busy producer would re-take the lock within
+        microseconds of each release and the others, which can only notice a
+        release by polling, would starve (tens of milliseconds at p99 with 4
+        producers). The slice keeps most hand-offs, which leave the lock idle
+        for a poll's time, off the path of each commit.
 
         Raises:
             LockTimeoutError: another writer held it for the whole timeout.
         """
         fd = self._fd()
-        courteous = time.monotonic() - self._released_at < RECENT and self._others_waiting()
+        now = time.monotonic()
+        if now - self._released_at >= RECENT:
+            self._run_start = now  # not back to back: a new run of writes
+        courteous = now - self._run_start >= SLICE and self._others_waiting()
         if not courteous and filelock.lock_descriptor(fd, blocking=False):
             return
         self._wait(fd, timeout, first_pause=COURTESY if courteous else MIN_POLL)
+        self._run_start = time.monotonic()
 
     def _wait(self, fd: int, timeout: Optional[float], first_pause: float) -> None:
         """Poll for the lock while announcing ourselves as a waiter.

@@ -34,6 +34,11 @@ from .wakeup import CloseEvent
 
 T = TypeVar("T")
 
+#: Seconds a group-commit leader waits for more writers when threads contend.
+#: Zero is enough: the sleep releases the GIL, and the threads the last commit
+#: released get to queue their next writes (batches grow from ~3 to ~7 of 8).
+GATHER = 0.0
+
 #: Milliseconds SQLite's own busy handler may wait when no timeout was given.
 FOREVER_MS = 2**31 - 1
 
@@ -100,6 +105,7 @@ def _after_fork_child() -> None:
         s._group = threading.Condition(threading.Lock())
         s._pending = []
         s._leading = False
+        s._crowd = 0
     _FORKING.clear()
 
 
@@ -153,6 +159,7 @@ class Storage:
         self._group = threading.Condition(threading.Lock())
         self._pending: List[_Job] = []
         self._leading = False
+        self._crowd = 0  # size of the last batch: >1 means threads contend
         self._conn: Optional[apsw.Connection] = None
         self._lock: Optional[WriterLock] = None
         self._closed = False
@@ -343,7 +350,14 @@ class Storage:
             if not job.done:
                 # Lead: take every writer waiting now (ourselves included).
                 self._leading = True
+                if self._crowd > 1:
+                    # The last batch's writers are coming back with their
+                    # next writes: a moment's pause lets them join this one.
+                    self._group.release()
+                    time.sleep(GATHER)
+                    self._group.acquire()
                 batch, self._pending = self._pending, []
+                self._crowd = len(batch)
         if not job.done:
             try:
                 self._commit_batch(batch, job)
@@ -372,7 +386,7 @@ class Storage:
                         self._run_batch(conn, batch)
                 finally:
                     lock.release()
-                    if self.timeout is not None:  # reads get the whole timeout again
+                    if remaining is not None:  # reads get the whole timeout again
                         conn.set_busy_timeout(self._busy_ms(self.timeout))
                 if any(j.notify for j in batch if j.error is None):
                     # The batch has committed: a failed notification must not

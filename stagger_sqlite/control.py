@@ -1,0 +1,127 @@
+"""Group controls shared through the queue file: pause flags and rate limits.
+
+Both live in the ``settings`` table, so every process and every pool working
+a group sees the same state, with no daemon to run:
+
+- ``paused:<group>``: present while the group is paused. Workers check it
+  before each hand-out and take nothing while it is set.
+- ``rate:<group>``: the earliest time (epoch seconds) of the next hand-out
+  (the "theoretical arrival time" of a GCRA limiter).
+
+The rate limit is strict (see ``RateLimiter``) and is applied inside the
+claim's own write transaction, so it holds across every process.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Tuple
+
+if TYPE_CHECKING:
+    from .queue import StaggerQueue
+
+_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most ``count`` hand-outs in any window of ``window`` seconds."""
+
+    count: int
+    window: float
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two hand-outs."""
+        return self.window / self.count
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.window, f"{self.window}s")
+        return f"{self.count}/{unit}"
+
+
+def parse_rate(text: str) -> Rate:
+    """Parse ``"N/s"``, ``"N/m"`` or ``"N/h"`` (N a whole number).
+
+    Raises:
+        ValueError: anything else, or N not > 0.
+    """
+    m = _RATE.match(text.lower()) if isinstance(text, str) else None
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"bad rate {text!r}: use N/s, N/m or N/h with a whole N > 0, e.g. 100/s")
+    return Rate(int(m.group(1)), _UNITS[m.group(2)])
+
+
+def _key(kind: str, group: str) -> str:
+    return f"{kind}:{group}"
+
+
+def _get(conn, key: str):
+    rows = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchall()
+    return rows[0][0] if rows else None
+
+
+def _put(conn, key: str, value) -> None:
+    conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+
+# -- pause -----------------------------------------------------------------
+
+
+def pause(q: "StaggerQueue", group: str) -> None:
+    """Pause ``group``: every worker of it stops taking messages (what is in
+    hand is finished). Idempotent; survives restarts until ``resume``."""
+    q._storage.write(lambda conn: _put(conn, _key("paused", group), time.time()))
+
+
+def resume(q: "StaggerQueue", group: str) -> None:
+    """Let the workers of ``group`` take messages again. Idempotent."""
+    q._storage.write(lambda conn: conn.execute("DELETE FROM settings WHERE key = ?", (_key("paused", group),)))
+
+
+def is_paused(q: "StaggerQueue", group: str) -> bool:
+    """True while ``group`` is paused."""
+    return q._storage.read(lambda conn: _get(conn, _key("paused", group))) is not None
+
+
+# -- rate ------------------------------------------------------------------
+
+
+class RateLimiter:
+    """The group-wide limiter. Its state is one row in the queue file, read
+    and updated inside each claim's write transaction (``GroupConsumer``'s
+    ``claim_limit`` hook), so every process and every pool shares it.
+
+    A GCRA without burst beyond N: ``due`` (the row) is the earliest time of
+    the next hand-out. A claim of ``k`` messages at time ``t`` is allowed when
+    ``t >= due + (k - 1) * interval`` and ``k <= N``; it moves ``due`` to
+    ``t + k * interval``. Then any ``m`` hand-outs span at least
+    ``(m - 1) * interval`` seconds, so no window of ``window`` seconds holds
+    more than N of them.
+    """
+
+    def __init__(self, group: str, rate: Rate) -> None:
+        self.key = _key("rate", group)
+        self.rate = rate
+        self._most = rate.count
+
+    def allow(self, conn, now: float, want: int) -> Tuple[int, float]:
+        """``(n, due)``: claim at most ``n`` messages now (0: none before ``due``)."""
+        due = _get(conn, self.key)
+        due = 0.0 if due is None else float(due)
+        if now < due:
+            return 0, due
+        n = 1 + int((now - due) / self.rate.interval)
+        return min(want, self._most, n), due
+
+    def spend(self, conn, now: float, n: int) -> None:
+        """Record ``n`` hand-outs made at ``now``."""
+        _put(conn, self.key, now + n * self.rate.interval)
+
+    def due(self, q: "StaggerQueue") -> float:
+        """Seconds until the next hand-out may be due (0: now)."""
+        due = q._storage.read(lambda conn: _get(conn, self.key))
+        return 0.0 if due is None else max(0.0, float(due) - time.time())

@@ -1,0 +1,387 @@
+"""The worker pool: a handler run over a consumer group by supervised processes.
+
+``WorkerPool`` starts ``processes`` worker processes (multiprocessing, spawn),
+each a member of one consumer group, and keeps them running:
+
+- each message is passed to the handler; returning acks it, raising nacks it
+  (retried with backoff by the group; dead-lettered after ``max_attempts``);
+- ``batch_handler=True`` passes a list of up to ``batch`` messages instead;
+- ``rate`` limits hand-outs for the whole group, across every process and
+  every pool (``control.RateLimiter``, state in the queue file);
+- a paused group (``control.pause``) gets no hand-outs in any worker;
+- SIGTERM/SIGINT stop taking messages; what is in hand is finished (or, if
+  claimed but not started, released at once) and the pool exits cleanly;
+- a worker process that dies is restarted; what it held comes back through
+  its lease (SPEC §4);
+- ``until_idle``: the pool exits once the group had nothing claimable, nothing
+  in flight and nothing retrying for that many seconds.
+
+Signal handlers only set flags: the loops look at them between messages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+from . import control
+from .validate import check_int, check_seconds
+
+log = logging.getLogger("stagger_sqlite.workers")
+
+Handler = Union[str, Callable[[Any], Any]]
+
+#: Seconds a worker's consumer waits for new messages before it looks at its
+#: flags again (stop, pause); also the idle poll when claiming one at a time.
+POLL = 0.25
+#: Restart backoff for a worker process that keeps dying at start.
+RESTART_MIN, RESTART_MAX = 0.1, 5.0
+
+
+class HandlerError(ValueError):
+    """The handler spec is not ``module:function`` naming a callable."""
+
+
+def resolve_handler(spec: Handler) -> Callable[[Any], Any]:
+    """Return the callable named by ``"package.module:function"`` (or ``spec``
+    itself when it is callable).
+
+    Raises:
+        HandlerError: a malformed spec, a module that fails to import, or a
+            name that is missing or not callable.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise HandlerError(f"bad handler {spec!r}: use module:function, e.g. myapp.tasks:send")
+    module_name, attr = spec.split(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or the module itself failed
+        raise HandlerError(f"handler {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise HandlerError(f"handler {spec}: {module_name} has no {attr}")
+    if not callable(obj):
+        raise HandlerError(f"handler {spec}: {attr} is not callable")
+    return obj
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What each worker process needs; sent to it at spawn."""
+
+    path: str
+    group: str
+    codec: Any = "cbor"
+    batch: int = 50
+    batch_handler: bool = False
+    lease: float = 30.0
+    max_attempts: int = 5
+    rate: Optional[control.Rate] = None
+    #: (level of the ``stagger_sqlite`` logger, whether the root logger is configured)
+    log_level: Optional[Tuple[int, bool]] = None
+
+
+class Worker:
+    """One member of the group, in one process: claims, runs the handler, acks.
+
+    ``run()`` loops until ``stop()`` (or SIGTERM/SIGINT via the pool's child
+    entry point). ``step()`` does one round, for tests and embedding.
+    """
+
+    def __init__(self, opts: WorkerOptions, handler: Callable[[Any], Any]) -> None:
+        from .queue import StaggerQueue  # queue -> consume; workers sit above
+
+        self.opts = opts
+        self.handler = handler
+        self.q = StaggerQueue(opts.path, codec=opts.codec)
+        self.limiter = control.RateLimiter(opts.group, opts.rate) if opts.rate else None
+        self.stopping = False
+        self._idle = 0.01
+        self.done = 0
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                due = self.limiter.due(self.q) if self.limiter else 0.0
+                if control.is_paused(self.q, self.opts.group):
+                    time.sleep(POLL)
+                elif due > 0:
+                    # The group's next hand-out is not due: a read, not a claim attempt.
+                    time.sleep(min(due, POLL))
+                elif not self.opts.batch_handler:
+                    self._stream()
+                elif not self._one_batch():
+                    # Nothing claimable, or the rate's next hand-out not due: back off.
+                    time.sleep(self._idle)
+                    self._idle = min(self._idle * 2, POLL)
+                else:
+                    self._idle = 0.01
+        finally:
+            self.q.close()
+
+    def _consumer(self, batch: int, wait: Union[bool, float]):
+        o = self.opts
+        c = self.q.consume(group=o.group, batch=batch, lease=o.lease, max_attempts=o.max_attempts, wait=wait)
+        c.claim_limit = self.limiter  # the rate limit, applied inside each claim
+        return c
+
+    # -- one handler call per message, claims of up to `batch` -------------
+
+    def _stream(self) -> None:
+        """Handle messages until idle for POLL seconds, paused or stopping;
+        closing the consumer acks the last one and releases the unstarted."""
+        with self._consumer(self.opts.batch, POLL) as c:
+            while not self.stopping and not control.is_paused(self.q, self.opts.group):
+                try:
+                    seq, msg = next(c)  # not iter(c): a dropped generator would release
+                except StopIteration:
+                    return
+                self._call(c, [seq], msg)
+
+    # -- batch handler: a list of messages, each claimed alone ---------------
+
+    def _claim_one(self) -> Optional[Tuple[Any, int, Any]]:
+        """Claim one message: ``(consumer, seq, msg)``, or None when nothing
+        is claimable (or, with a rate, due) now. Each message has its own
+        consumer, so each stays in hand (unfinished) until the handler is done."""
+        c = self._consumer(1, False)
+        try:
+            seq, msg = next(c)
+        except StopIteration:
+            c.close()
+            return None
+        return c, seq, msg
+
+    def _one_batch(self) -> bool:
+        """Claim up to ``batch`` messages, call the handler with their list.
+        Returns whether anything was handled."""
+        held: List[Tuple[Any, int, Any]] = []
+        while len(held) < self.opts.batch and not self.stopping:
+            got = self._claim_one()
+            if got is None:
+                break
+            held.append(got)
+        if not held:
+            return False
+        seqs = [s for _, s, _ in held]
+        started = time.monotonic()
+        try:
+            self.handler([m for _, _, m in held])
+        except Exception as e:
+            ms = (time.monotonic() - started) * 1000
+            for c, seq, _ in held:
+                self._failed(c, [seq], e, ms)
+                c.close()
+            return True
+        ms = (time.monotonic() - started) * 1000
+        for c, _, _ in held:
+            c.close()  # acks
+        self.done += len(held)
+        log.debug("%s: seq=%s ok in %.1f ms", self.opts.group, _seqs(seqs), ms)
+        return True
+
+    # -- shared ------------------------------------------------------------
+
+    def _call(self, c: Any, seqs: List[int], msg: Any) -> None:
+        started = time.monotonic()
+        try:
+            self.handler(msg)
+        except Exception as e:
+            self._failed(c, seqs, e, (time.monotonic() - started) * 1000)
+            return
+        self.done += 1
+        log.debug("%s: seq=%s ok in %.1f ms", self.opts.group, _seqs(seqs), (time.monotonic() - started) * 1000)
+
+    def _failed(self, c: Any, seqs: List[int], e: BaseException, ms: float) -> None:
+        error = f"{type(e).__name__}: {e}"
+        for seq in seqs:
+            c.nack(seq, error=error)
+        log.warning("%s: seq=%s failed in %.1f ms, will retry or dead-letter: %s", self.opts.group, _seqs(seqs), ms, error)
+
+
+def _seqs(seqs: List[int]) -> str:
+    return str(seqs[0]) if len(seqs) == 1 else f"{seqs[0]}..{seqs[-1]}({len(seqs)})"
+
+
+def _child_main(opts: WorkerOptions, handler: Handler) -> None:
+    """Entry point of a worker process."""
+    if opts.log_level is not None:
+        level, configured = opts.log_level
+        logging.getLogger("stagger_sqlite").setLevel(level)
+        if configured:  # the parent logs somewhere: so do its workers, alike
+            logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(levelname)s %(message)s")
+    worker = Worker(opts, resolve_handler(handler))
+
+    def on_signal(signum: int, frame: Any) -> None:
+        worker.stop()  # only a flag: the loop finishes what it holds
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run()
+
+
+def group_idle(q: Any, group: str) -> bool:
+    """True when ``group`` has nothing claimable, in flight or retrying."""
+    info = q.groups().get(group)
+    return info is not None and info.lag == 0 and info.in_flight == 0 and info.retrying == 0
+
+
+class WorkerPool:
+    """Run ``handler`` over consumer group ``group`` of the queue at ``path``
+    in ``processes`` supervised worker processes.
+
+    Args:
+        path: the queue file (created if missing).
+        group: the consumer group the workers share.
+        handler: ``"module:function"`` or a module-level function; called with
+            each message (or, with ``batch_handler``, a list of messages).
+            Returning acks; raising nacks (retry with backoff, dead letter
+            after ``max_attempts``).
+        processes: worker processes (>= 1).
+        batch: messages claimed per round trip, and the most a batch handler
+            gets at once.
+        batch_handler: call the handler with lists of messages.
+        lease: seconds a worker may hold a message before it is redelivered.
+        max_attempts: deliveries before a message is dead-lettered.
+        rate: ``"N/s"``, ``"N/m"`` or ``"N/h"``: at most N hand-outs in any
+            window of that length for the whole group, every process and
+            every pool together.
+        until_idle: seconds; ``run()`` returns once the group has been idle
+            (nothing claimable, in flight or retrying) that long.
+        codec: the queue's codec.
+        stop_timeout: seconds ``stop`` waits for a worker to finish what it
+            holds before killing it (its messages then come back by lease).
+
+    Raises:
+        ValueError: a bad argument; ``HandlerError`` (a ValueError) for a
+            handler that cannot be imported.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        group: str,
+        handler: Handler,
+        *,
+        processes: int = 1,
+        batch: int = 50,
+        batch_handler: bool = False,
+        lease: float = 30.0,
+        max_attempts: int = 5,
+        rate: Union[None, str, control.Rate] = None,
+        until_idle: Optional[float] = None,
+        codec: Any = "cbor",
+        stop_timeout: float = 60.0,
+    ) -> None:
+        check_int("processes", processes, 1)
+        check_int("batch", batch, 1)
+        check_int("max_attempts", max_attempts, 1)
+        check_seconds("lease", lease, allow_none=False)
+        self.until_idle = check_seconds("until_idle", until_idle)
+        self.stop_timeout = check_seconds("stop_timeout", stop_timeout, allow_none=False)
+        if not isinstance(group, str) or not group:
+            raise ValueError(f"`group` must be a non-empty string, not {group!r}")
+        if isinstance(rate, str):
+            rate = control.parse_rate(rate)
+        resolve_handler(handler)  # fail here, in the caller's process, not in every child
+        self.handler = handler
+        self.processes = processes
+        self.opts = WorkerOptions(
+            path=os.fspath(path), group=group, codec=codec, batch=batch, batch_handler=batch_handler,
+            lease=float(lease), max_attempts=max_attempts, rate=rate,
+        )
+        self._stop = threading.Event()
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: List[Any] = []
+        #: Worker processes started again after they died.
+        self.restarts = 0
+
+    def pids(self) -> List[int]:
+        """Process ids of the live workers."""
+        return [p.pid for p in list(self._procs) if p.is_alive() and p.pid]
+
+    def stop(self) -> None:
+        """Ask ``run()`` to stop its workers gracefully and return. Safe from
+        a signal handler or another thread."""
+        self._stop.set()
+
+    def _spawn(self, index: int) -> multiprocessing.process.BaseProcess:
+        level = (logging.getLogger("stagger_sqlite").getEffectiveLevel(), bool(logging.getLogger().handlers))
+        opts = replace(self.opts, log_level=level)
+        p = self._ctx.Process(
+            target=_child_main, args=(opts, self.handler), name=f"{self.opts.group}-worker-{index}", daemon=False
+        )
+        p.start()
+        return p
+
+    def run(self) -> int:
+        """Start the workers and supervise them until ``stop()``, SIGTERM or
+        SIGINT (in the main thread), or ``until_idle``. Returns 0."""
+        from .queue import StaggerQueue
+
+        installed = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                installed[sig] = signal.signal(sig, lambda s, f: self._stop.set())
+        q = StaggerQueue(self.opts.path, codec=self.opts.codec)
+        procs = self._procs = []
+        started: List[float] = []
+        backoff = [RESTART_MIN] * self.processes
+        try:
+            for i in range(self.processes):
+                procs.append(self._spawn(i))
+                started.append(time.monotonic())
+            log.info("%s: %d worker(s) started on %s", self.opts.group, self.processes, self.opts.path)
+            idle_since: Optional[float] = None
+            while not self._stop.wait(0.1):
+                for i, p in enumerate(procs):
+                    if p.is_alive() or self._stop.is_set():
+                        continue
+                    # A worker died (killed, or crashed outside the handler).
+                    quick = time.monotonic() - started[i] < 2.0
+                    backoff[i] = min(backoff[i] * 2, RESTART_MAX) if quick else RESTART_MIN
+                    log.warning("%s: worker %s exited (code %s); restarting", self.opts.group, p.name, p.exitcode)
+                    if quick and self._stop.wait(backoff[i]):
+                        break
+                    procs[i] = self._spawn(i)
+                    started[i] = time.monotonic()
+                    self.restarts += 1
+                if self.until_idle is not None:
+                    if group_idle(q, self.opts.group):
+                        idle_since = idle_since or time.monotonic()
+                        if time.monotonic() - idle_since >= self.until_idle:
+                            log.info("%s: idle for %.1f s, stopping", self.opts.group, self.until_idle)
+                            break
+                    else:
+                        idle_since = None
+        finally:
+            self._shutdown(procs)
+            q.close()
+            for sig, old in installed.items():
+                signal.signal(sig, old)
+        return 0
+
+    def _shutdown(self, procs: List[Any]) -> None:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker finishes what it holds
+        deadline = time.monotonic() + self.stop_timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                log.warning("%s: worker %s did not stop in %.0f s; killing it", self.opts.group, p.name, self.stop_timeout)
+                p.kill()
+                p.join()
