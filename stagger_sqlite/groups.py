@@ -75,8 +75,8 @@ SQL_NEXT_READY = "SELECT min(ready) FROM deliveries WHERE grp = ?"
 SQL_LOWEST = "SELECT min(seq) FROM deliveries WHERE grp = ?"
 SQL_RELEASE = """UPDATE deliveries SET state = state + 2, token = 0, ready = ?
     WHERE grp = ? AND seq = ? AND token = ? AND state < 2"""
-SQL_RENEW = "UPDATE deliveries SET ready = ? WHERE grp = ? AND token = ? AND state < 2"
-SQL_HELD = "SELECT seq FROM deliveries WHERE grp = ? AND token = ? AND state < 2"
+SQL_RENEW = "UPDATE deliveries SET ready = ? WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
+SQL_HELD = "SELECT 1 FROM deliveries WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
 SQL_ROW = """SELECT d.attempts, d.error, coalesce(d.body, m.body) FROM deliveries d
     LEFT JOIN messages m ON m.seq = d.seq WHERE d.grp = ? AND d.seq = ? AND d.token = ? AND d.state < 2"""
 SQL_BURY = "INSERT OR REPLACE INTO dead_letters (grp, seq, body, attempts, error, at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -537,15 +537,17 @@ class GroupConsumer:
 
     def _renew(self) -> None:
         """Push the lease of what this member still holds; drop what it lost."""
-        token, expected = self._token, len(self._rows)
+        token, seqs = self._token, [seq for seq, _ in self._rows]
 
         def renew(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Optional[set]:
             if done:
                 conn.executemany(SQL_FINISH, done)
-            conn.execute(SQL_RENEW, (time.time() + self._lease, self.group, token))
-            if conn.changes() == expected:
+            before = conn.total_changes()
+            deadline = time.time() + self._lease
+            conn.executemany(SQL_RENEW, [(deadline, self.group, seq, token) for seq in seqs])
+            if conn.total_changes() - before == len(seqs):
                 return None
-            return {r[0] for r in conn.execute(SQL_HELD, (self.group, token)).fetchall()}
+            return {seq for seq in seqs if conn.execute(SQL_HELD, (self.group, seq, token)).fetchall()}
 
         held = self._write(renew)
         if held is not None and token == self._token:

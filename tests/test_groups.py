@@ -137,11 +137,11 @@ def test_lease_is_renewed_while_a_member_keeps_handing_out(q):
             while not stop.is_set():
                 other_got.extend(s for s, _ in c)
 
-    with q.consume(group="g", batch=30, lease=1.0, wait=False) as c:
+    with q.consume(group="g", batch=30, lease=1.5, wait=False) as c:
         got = [next(c)[0]]  # this member now holds all 30
         t = threading.Thread(target=other)
         t.start()
-        for seq, _ in c:  # 30 x 0.1 s = 3 s, three times the lease
+        for seq, _ in c:  # 30 x 0.1 s = 3 s, twice the lease: renewed on the way
             time.sleep(0.1)
             got.append(seq)
     stop.set()
@@ -413,3 +413,27 @@ def test_group_under_asyncio(q):
 
     assert asyncio.run(main()) == ["a", "b"]
     assert q.groups()["g"].acked == 2
+
+
+def test_readme_group_examples_run(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.rst")) as f:
+        text = f.read()
+    section = text.split("Consumer groups: worker processes\n", 1)[1]
+    section = re.split(r"\n[^\n]+\n=+\n", section, maxsplit=1)[0]
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", section)
+    assert len(blocks) >= 3
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"example{i}.py"
+        script.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n")
+        out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        if "workers-demo" in block:
+            assert "acked=1000" in out.stdout and "dead=0" in out.stdout
+        if "dead-demo" in block:
+            assert out.stdout.splitlines() == ["2 poison 1 cannot parse", "1", "[2]"]
