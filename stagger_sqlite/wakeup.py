@@ -212,7 +212,11 @@ class _Hub:
                 continue
             except OSError:  # the fd was closed (after fork in a child): stop
                 return
-            self._dispatch(data)
+            try:
+                self._dispatch(data)
+            except Exception:  # pragma: no cover - never let the thread die
+                # Waiters would fall back on their 1 s safety poll; keep going.
+                continue
 
     def _dispatch(self, data: bytes) -> None:
         rung: Set[int] = set()
