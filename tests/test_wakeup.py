@@ -270,3 +270,27 @@ def test_a_waiter_collected_while_its_hub_is_locked_does_not_deadlock(qpath):
         assert done.wait(DEADLINE), "finalizer deadlocked on the hub lock"
         q.write("still works")
         assert list(q.consume(wait=False)) == [(1, "still works")]
+
+
+def test_close_while_a_consumer_is_busy_reading_ends_it_quietly(tmp_path):
+    # Not only a consumer asleep in its wait: one caught between a read and
+    # the next must also just stop, never raise QueueClosedError.
+    for i in range(10):
+        q = StaggerQueue(str(tmp_path / f"q{i}.db"))
+        q.write_many(range(200))
+        errors = []
+        got = []
+
+        def run():
+            try:
+                for seq, msg in q.consume(batch=1, wait=True):
+                    got.append(seq)
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        wait_for(lambda: len(got) > i * 10, DEADLINE, message="consumer reading")
+        q.close()
+        t.join(DEADLINE)
+        assert not t.is_alive() and errors == []
