@@ -84,7 +84,8 @@ def producer(
 ) -> None:
     """Write forever (or ``limit`` batches), logging intents and returns.
 
-    ``mode``: "write" (one message per call) or "write_many" (1-20 per call).
+    ``mode``: "write" (one message per call), "write_many" (1-20 per call)
+    or "schedule" (one message due in 0-0.5 s; logged ``S id`` once returned).
     Log lines: ``I id id ...`` before the call; ``R id=seq id=seq ...`` after
     it returned; ``L seconds`` the call's latency. Stops after ``limit``
     calls or at epoch time ``until`` when given.
@@ -97,10 +98,16 @@ def producer(
     n = 0
     batches = 0
     while (not limit or batches < limit) and (not until or time.time() < until):
-        k = 1 if mode == "write" else rnd.randint(1, 20)
+        k = rnd.randint(1, 20) if mode == "write_many" else 1
         ids = [f"{name}.{n + i}" for i in range(k)]
         os.write(fd, ("I " + " ".join(ids) + "\n").encode())
         t0 = time.perf_counter()
+        if mode == "schedule":
+            q.schedule(payload(ids[0]), delay=rnd.uniform(0.0, 0.5))
+            os.write(fd, f"S {ids[0]}\n".encode())
+            n += 1
+            batches += 1
+            continue
         if mode == "write":
             seqs = [q.write(payload(ids[0]))]
         else:
@@ -133,6 +140,7 @@ class History:
     def __init__(self) -> None:
         self.intents: List[List[str]] = []  # one list of ids per call
         self.returned: Dict[str, int] = {}  # id -> seq returned
+        self.scheduled: List[str] = []  # ids whose schedule() returned
         self.latencies: List[float] = []
 
     @property
@@ -152,6 +160,8 @@ def read_logs(paths: List[str]) -> History:
                 parts = line.split()
                 if parts[0] == "I":
                     h.intents.append(parts[1:])
+                elif parts[0] == "S":
+                    h.scheduled.append(parts[1])
                 elif parts[0] == "R":
                     for item in parts[1:]:
                         k, v = item.split("=")
@@ -194,6 +204,8 @@ def check_history(path: str, h: History, purged: int = 0) -> Dict[str, int]:
         if seq <= purged and pid not in where:
             continue
         assert where.get(pid) == seq, f"{pid} returned seq {seq} but is stored at {where.get(pid)}"
+    for pid in h.scheduled:  # promoted exactly once (stored once: checked above)
+        assert pid in where, f"scheduled {pid} returned but never became a message"
     intended = {pid for batch in h.intents for pid in batch}
     stray = set(where) - intended
     assert not stray, f"stored but never intended: {sorted(stray)[:5]}"

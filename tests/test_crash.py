@@ -125,7 +125,9 @@ def test_kill9_group_members(tmp_path):
       ``last_seq`` with nothing in flight or waiting, no dead letter);
     - nothing acked comes back: no hand-out of a message starts after an
       explicit ``ack`` of it returned True;
-    - every write that returned is stored, as in the producer torture.
+    - every write that returned is stored, as in the producer torture, and
+      every ``schedule`` that returned became a message exactly once
+      (promotions, by writers and idle members, are killed too).
     """
     path = str(tmp_path / "q.db")
     StaggerQueue(path).close()
@@ -134,7 +136,7 @@ def test_kill9_group_members(tmp_path):
     rnd.seed(seed)
     duration = torture_seconds(8.0)
     lease = 1.0
-    roles = [("write", 0), ("write_many", 1), ("member", 2), ("member", 3), ("member", 4)]
+    roles = [("write", 0), ("write_many", 1), ("member", 2), ("member", 3), ("member", 4), ("schedule", 5)]
     generation = {i: 0 for _, i in roles}
     plogs, mlogs = [], []
 
@@ -197,6 +199,7 @@ def test_kill9_group_members(tmp_path):
         explicit_acks=len(acked),
         nacks=nacks,
         writes_returned=figures["returned"],
+        schedules_returned=len(history.scheduled),
         lost=0,
     )
 
