@@ -108,7 +108,7 @@ def run_persist_queue(path: str, messages: int, processes: int) -> Dict[str, flo
 
 def main(quick: bool = False) -> dict:
     messages = 20_000 if quick else 200_000
-    pq_messages = 5_000 if quick else 20_000
+    pq_messages = 2_000 if quick else 5_000  # it manages a few hundred a second
     processes = 4
     print(
         f"workload: {messages} messages of ~{len(str(MESSAGE))} chars (cbor), durability=normal; "

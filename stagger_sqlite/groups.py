@@ -14,7 +14,12 @@ How it is stored (tables in schema.py):
 The costs: a member claims up to ``batch`` messages in one short write
 transaction, which also deletes the rows it finished since its last claim
 (implicit acks are batched; a message is finished locally, at once, when the
-next one is asked for). Per message, the rest is Python-level work.
+next one is asked for). Both are set-wise statements (``INSERT ... SELECT``,
+a delete by token range): binding rows one by one from Python costs more than
+SQLite's own work. Per message, the rest is Python-level work.
+
+Hand-out order: due redeliveries first, in the order they fell due (index
+``deliveries_ready``), then new messages in seqno order.
 
 Which message killed a member? A member writes nothing when it starts a
 message (that would be a transaction per message). When a batch's lease
@@ -69,7 +74,9 @@ SQL_DUE = """SELECT d.seq, d.state, d.attempts, d.error, coalesce(d.body, m.body
     FROM deliveries d LEFT JOIN messages m ON m.seq = d.seq
     WHERE d.grp = ? AND d.ready <= ? ORDER BY d.ready, d.seq LIMIT ?"""
 SQL_NEW = "SELECT seq, body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
-SQL_INSERT = "INSERT INTO deliveries (grp, seq, state, token, ready) VALUES (?, ?, 0, ?, ?)"
+SQL_INSERT_NEW = """INSERT INTO deliveries (grp, seq, state, token, ready)
+    SELECT ?, seq, 0, ?, ? FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"""
+SQL_FINISH_RANGE = "DELETE FROM deliveries WHERE grp = ? AND seq BETWEEN ? AND ? AND token = ? AND state < 2"
 SQL_TAKE = "UPDATE deliveries SET state = ?, token = ?, ready = ? WHERE grp = ? AND seq = ?"
 SQL_NEXT_READY = "SELECT min(ready) FROM deliveries WHERE grp = ?"
 SQL_LOWEST = "SELECT min(seq) FROM deliveries WHERE grp = ?"
@@ -453,7 +460,10 @@ class GroupConsumer:
             claimable, ready = self._storage.read(lambda conn: self._lookup(conn, now), snapshot=True)
             if not claimable:
                 return ready
-        rows, token, ready = self._write(self._claim_tx)
+        # Every row this member still holds is in self._done now (nothing in
+        # hand, nothing unhanded), so the claim may delete them by token range.
+        whole = not self._rows and self._in_hand is None
+        rows, token, ready = self._write(lambda conn, done: self._claim_tx(conn, done, whole))
         self._idle = not rows
         if rows:
             self._rows.extend(rows)
@@ -469,15 +479,32 @@ class GroupConsumer:
         ready = conn.execute(SQL_NEXT_READY, (self.group,)).fetchall()[0][0]
         return (ready is not None and ready <= now), ready
 
-    def _claim_tx(self, conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Tuple[List[Tuple[int, bytes]], int, Optional[float]]:
+    def _claim_tx(
+        self, conn: apsw.Connection, done: List[Tuple[str, int, int]], whole: bool = False
+    ) -> Tuple[List[Tuple[int, bytes]], int, Optional[float]]:
         """One transaction: delete the finished, sweep expired leases, claim.
 
         Due redeliveries come first (in the order they fell due), then new
         messages in seqno order. A message back from an expired batch lease
-        is claimed alone (see the module docstring)."""
+        is claimed alone (see the module docstring).
+
+        ``whole``: ``done`` holds every row this member still holds, so each
+        claim token's rows go in one range delete (tokens are unique to one
+        claim, so the range cannot touch anyone else's rows)."""
         now = time.time()
         group = self.group
-        if done:
+        if done and whole:
+            spans: Dict[int, List[int]] = {}
+            for _, seq, tok in done:
+                span = spans.get(tok)
+                if span is None:
+                    spans[tok] = [seq, seq]
+                elif seq < span[0]:
+                    span[0] = seq
+                elif seq > span[1]:
+                    span[1] = seq
+            conn.executemany(SQL_FINISH_RANGE, [(group, lo, hi, tok) for tok, (lo, hi) in spans.items()])
+        elif done:
             conn.executemany(SQL_FINISH, done)
         row = conn.execute(SQL_GROUP, (group,)).fetchall()
         if row:
@@ -520,9 +547,12 @@ class GroupConsumer:
             rows = again
             want = batch - len(again)
             if want > 0:
+                # One statement for the rows (binding them one by one costs
+                # more than SQLite's own work), then the same rows' bodies:
+                # nobody else writes while we hold the writer lock.
+                conn.execute(SQL_INSERT_NEW, (group, token, deadline, cursor, want))
                 new = conn.execute(SQL_NEW, (cursor, want)).fetchall()
                 if new:
-                    conn.executemany(SQL_INSERT, [(group, seq, token, deadline) for seq, _ in new])
                     cursor = new[-1][0]
                     rows = rows + new
                 if len(new) < want:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 from . import control
+from .queue import StaggerQueue
 from .validate import check_int, check_seconds
 
 log = logging.getLogger("stagger_sqlite.workers")
@@ -94,13 +95,12 @@ class WorkerOptions:
 class Worker:
     """One member of the group, in one process: claims, runs the handler, acks.
 
-    ``run()`` loops until ``stop()`` (or SIGTERM/SIGINT via the pool's child
-    entry point). ``step()`` does one round, for tests and embedding.
+    ``run()`` loops until ``stop()`` (which SIGTERM/SIGINT call in a pool's
+    worker process): between messages it looks at the stop flag, the group's
+    pause flag and the rate's next due time.
     """
 
     def __init__(self, opts: WorkerOptions, handler: Callable[[Any], Any]) -> None:
-        from .queue import StaggerQueue  # queue -> consume; workers sit above
-
         self.opts = opts
         self.handler = handler
         self.q = StaggerQueue(opts.path, codec=opts.codec)
@@ -330,8 +330,6 @@ class WorkerPool:
     def run(self) -> int:
         """Start the workers and supervise them until ``stop()``, SIGTERM or
         SIGINT (in the main thread), or ``until_idle``. Returns 0."""
-        from .queue import StaggerQueue
-
         installed = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):

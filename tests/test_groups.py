@@ -178,8 +178,8 @@ def test_nack_without_delay_backs_off(q):
         seq, _ = next(c)
         before = time.time()
         assert c.nack(seq) is True
-    assert drain(q, "g") == []  # not due yet: backoff of 0.5-1 s after the first failure
-    with q.consume(group="g", wait=30) as c:
+    assert q.groups()["g"].retrying == 1
+    with q.consume(group="g", wait=30) as c:  # backoff of 0.5-1 s after the first failure
         seq, _ = next(c)
         assert seq == 1 and time.time() - before >= 0.5 * stagger_sqlite.groups.BACKOFF_BASE
     assert stagger_sqlite.groups.backoff(100) <= stagger_sqlite.groups.BACKOFF_CAP
@@ -221,15 +221,15 @@ def test_exception_in_body_retries_with_backoff(q):
             for seq, _ in c:
                 raise KeyError("missing")
     assert q.groups()["g"].retrying == 1
-    got = take(q, "g", 3)  # 2 and 3 at once, then 1 when its retry falls due
-    assert got == [2, 3, 1]
+    got = take(q, "g", 3)  # 2 and 3 at once, 1 when its retry falls due
+    assert sorted(got) == [1, 2, 3]
     assert q.groups()["g"].acked == 3
 
 
 def test_bare_for_loop_left_by_exception_releases_rest_and_leases_the_one_in_hand(q):
     q.write_many(range(5))
     with pytest.raises(ValueError):
-        for seq, _ in q.consume(group="g", batch=5, lease=1.0, wait=False):
+        for seq, _ in q.consume(group="g", batch=5, lease=3.0, wait=False):
             raise ValueError("no with block")
     # Without `with`, the consumer cannot tell an exception from a break:
     # the unstarted rest is released at once, the one in hand waits out its lease.
@@ -437,3 +437,31 @@ def test_readme_group_examples_run(tmp_path):
             assert "acked=1000" in out.stdout and "dead=0" in out.stdout
         if "dead-demo" in block:
             assert out.stdout.splitlines() == ["2 poison 1 cannot parse", "1", "[2]"]
+
+
+def test_keyboard_interrupt_releases_everything_without_an_attempt(q):
+    q.write_many(range(3))
+    with pytest.raises(KeyboardInterrupt):
+        with q.consume(group="g", batch=3, lease=30, wait=False) as c:
+            for seq, _ in c:
+                if seq == 2:
+                    raise KeyboardInterrupt
+    info = q.groups()["g"]
+    assert (info.acked, info.in_flight, info.retrying, info.dead) == (1, 0, 0, 0)
+    assert drain(q, "g", lease=30) == [2, 3]  # at once: no lease wait, no backoff
+
+
+def test_member_that_lost_its_lease_hands_out_nothing_stale(q):
+    q.write_many(["a", "b", "c"])
+    old = q.consume(group="g", batch=3, lease=0.5, wait=False)
+    assert next(old)[0] == 1  # old holds 1, 2, 3
+    new = q.consume(group="g", batch=3, lease=30, wait=30)
+    assert next(new)[0] == 1  # after old's lease expired: 1, 2, 3 went back
+    # old goes on: its implicit ack of 1 must not touch new's delivery, and
+    # 2 and 3 are no longer its own: it gets them only by claiming them anew.
+    rest = [s for s, _ in old]
+    assert sorted(rest) == [2, 3]
+    assert q.groups()["g"].in_flight == 1  # 1, still with new
+    assert new.ack(1) is True
+    new.close()
+    assert q.groups()["g"] == GroupInfo(acked=3, in_flight=0, retrying=0, lag=0, dead=0, delivered=3)

@@ -125,7 +125,7 @@ def test_message_that_kills_its_worker_is_dead_lettered_alone(qpath, tmp_path):
             if info is not None and info.acked == 20:
                 break
             assert time.monotonic() < deadline, f"not finished: {info}"
-            p = CTX.Process(target=killing_member, args=(qpath, log, killer, 10, 1.0, max_attempts))
+            p = CTX.Process(target=killing_member, args=(qpath, log, killer, 10, 1.5, max_attempts))
             p.start()
             p.join(60)
             assert p.exitcode in (0, 3)

@@ -169,3 +169,31 @@ def test_forward_bad_url_is_one_line(qpath):
     StaggerQueue(qpath).close()
     r = subprocess.run(CLI + ["forward", qpath, "--url", "ftp://x"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bad URL" in r.stderr
+
+
+def test_forward_retries_network_errors_until_the_destination_is_up(qpath):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there yet: connections are refused
+    with StaggerQueue(qpath) as q:
+        q.write_many(["a", "b", "c"])
+    url = f"http://127.0.0.1:{port}/in"
+    p = subprocess.Popen(CLI + ["forward", qpath, "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    receiver = None
+    try:
+        with StaggerQueue(qpath) as q:
+            wait_for(lambda: f"forward:{url}" in q.groups() and q.groups()[f"forward:{url}"].retrying > 0, 60,
+                     message="a refused delivery waiting for its retry")
+        receiver = Receiver()
+        receiver.close()  # only its handler is reused, on the port forward aims at
+        server = ThreadingHTTPServer(("127.0.0.1", port), receiver.server.RequestHandlerClass)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        wait_for(lambda: set(receiver.ok) == {1, 2, 3}, 60, message="all delivered once the destination is up")
+        server.shutdown()
+        server.server_close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    with StaggerQueue(qpath) as q:
+        assert q.dead_letters(f"forward:{url}") == []
