@@ -54,7 +54,7 @@ def sqlite_errors(path: str) -> Iterator[None]:
         yield
     except apsw.FullError as e:
         raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
-    except (apsw.BusyError, apsw.LockedError) as e:
+    except (apsw.BusyError, apsw.LockedError):
         # Not SQLite's own words: "database is locked" is what users must never see.
         raise LockTimeoutError(
             f"{path} was held by a writer outside stagger_sqlite's writer lock for the whole timeout; nothing was written"
@@ -383,7 +383,7 @@ class Storage:
                         self._run_batch(conn, batch)
                 finally:
                     lock.release()
-                    if remaining is not None:  # reads get the whole timeout again
+                    if self.timeout is not None:  # reads get the whole timeout again
                         conn.set_busy_timeout(self._busy_ms(self.timeout))
                 if any(j.notify for j in batch if j.error is None):
                     # The batch has committed: a failed notification must not

@@ -1,6 +1,7 @@
 """kill -9 torture: producers, a reader and a purger killed at random moments.
 
-Several producer processes (``write`` and ``write_many``), a plain consumer and
+Several producer processes (``write`` and ``write_many``; ``durability``
+"full" and "normal"), a plain consumer and
 a purger run on one queue file; every so often one of them, chosen at random,
 gets SIGKILL at a random moment (during a commit, a checkpoint, an incremental
 vacuum, a lock hand-over, start-up...) and is restarted. At the end:
@@ -57,7 +58,10 @@ def test_kill9_producers_reader_purger(tmp_path):
             return spawn("purger", path, str(tmp_path / "purger.log"), 5000)
         log = str(tmp_path / f"p{i}g{gen}.log")
         logs.append(log)
-        return spawn("producer", path, log, f"p{i}g{gen}", role, rnd.randrange(2**32))
+        # Half the producers use durability="normal": it too must survive any
+        # process crash (only power loss may cost it the last commits).
+        durability = "normal" if i in (1, 2) else "full"
+        return spawn("producer", path, log, f"p{i}g{gen}", role, rnd.randrange(2**32), durability)
 
     procs = {i: start(role, i) for role, i in roles}
     kills = 0

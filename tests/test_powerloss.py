@@ -151,7 +151,7 @@ def test_sigstop_copies_and_torn_wals(tmp_path):
     deadline = time.monotonic() + duration
     try:
         while time.monotonic() < deadline:
-            time.sleep(rnd.uniform(0.2, 0.6))
+            time.sleep(rnd.uniform(0.5, 1.5) * duration / 10)  # about 10 copies per run
             for p in procs:
                 os.kill(p.pid, signal.SIGSTOP)
             try:
@@ -181,7 +181,7 @@ def test_sigstop_copies_and_torn_wals(tmp_path):
         variants = [("as-copied", None)]
         wal = out / "q.db-wal"
         size = os.path.getsize(wal) if wal.exists() else 0
-        for _ in range(scaled(2, 10)):
+        for _ in range(scaled(2, 5)):
             if size > floor:
                 variants.append(("cut", rnd.randint(floor, size)))
                 variants.append(("junk", rnd.randint(max(floor, WAL_HEADER), size)))
