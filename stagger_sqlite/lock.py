@@ -12,7 +12,10 @@ acquire (about 64 µs, half a durable commit) and a blocked waiter polls every
 50 ms. We keep one descriptor open for the life of the queue and hand it to
 ``filelock.lock_descriptor``; a blocked waiter polls in short steps, or when it
 may wait forever, sleeps in the kernel and is woken the moment the lock is
-released.
+released. Waiting processes announce themselves on bytes of the lock file
+(POSIX record locks, independent of the flock), so that a process writing
+back to back hands the lock over instead of starving them
+(``WriterLock.acquire``).
 """
 
 from __future__ import annotations

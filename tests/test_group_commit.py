@@ -241,3 +241,11 @@ def test_the_readme_performance_examples_work_when_pasted(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "README.rst (Performance)", "exec"), {"__name__": "__readme__"})
+
+
+def test_a_write_inside_a_write_is_refused_not_deadlocked(qpath):
+    with StaggerQueue(qpath) as q:
+        with pytest.raises(RuntimeError, match="cannot start another write"):
+            q._storage.write(lambda conn: q.write({"nested": True}))
+        assert len(q) == 0
+        assert q.write({"after": True}) == 1
