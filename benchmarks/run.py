@@ -9,7 +9,7 @@ Usage::
 Every workload runs every system in the same run, in a temporary directory
 beside this file (so on the repository's filesystem), with real processes for
 the multi-process workloads. Results: a printed table, and
-``benchmarks/results/results.{md,json,png}``; ``--publish`` also copies the
+``benchmarks/results/results.{md,rst,json,png}``; ``--publish`` also copies the
 table and chart to ``docs/`` for the README.
 
 Figures are only comparable within one run: ratios to raw apsw are what the
@@ -896,7 +896,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts: about a minute")
     parser.add_argument("--only", help="comma-separated workloads, e.g. W1,W6 (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="only stagger_sqlite and raw apsw")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for results.{md,json,png}")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for results.{md,rst,json,png}")
     parser.add_argument("--publish", action="store_true", help="also copy the table and chart to docs/")
     args = parser.parse_args(argv)
     chosen = list(WORKLOADS) if not args.only else ["limits"] + [w.strip() for w in args.only.split(",")]
