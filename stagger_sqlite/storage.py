@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import stat
 import threading
 import time
 import weakref
@@ -171,8 +173,7 @@ class Storage:
     # -- opening ---------------------------------------------------------
 
     def _open_or_create(self) -> None:
-        if os.path.isdir(self.path):
-            raise NotAQueueError(f"{self.path} is a directory, not a queue file")
+        _check_regular(self.path)
         try:
             header = schema.read_header(self.path)
         except FileNotFoundError:
@@ -197,6 +198,8 @@ class Storage:
         lock.acquire(self.timeout)
         tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
+            _remove_stale_temporaries(self.path)
+            _check_regular(self.path)
             try:
                 if os.path.getsize(self.path) > 0:
                     schema.check_header(self.path, schema.read_header(self.path))
@@ -396,7 +399,7 @@ class Storage:
                         self._run_batch(conn, batch)
                 finally:
                     lock.release()
-                    if self.timeout is not None:  # reads get the whole timeout again
+                    if remaining is not None:  # reads get the whole timeout again
                         conn.set_busy_timeout(self._busy_ms(self.timeout))
                 if any(j.notify for j in batch if j.error is None):
                     # The batch has committed: a failed notification must not
@@ -471,6 +474,43 @@ class Storage:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.close()
+
+
+def _check_regular(path: str) -> None:
+    """Refuse a path that exists and is not a regular file (or a link to one).
+
+    A device, FIFO or socket is never a queue: reading its header could block
+    forever (a FIFO), and an empty one would be taken for a missing file and
+    *replaced* by a new queue (``/dev/null`` renamed over, as root).
+
+    Raises:
+        NotAQueueError: naming what the path is.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket, not a regular file"
+    raise NotAQueueError(f"{path} is {kind}, not a queue file")
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete what creators killed mid-creation left: ``<path>.tmp-<pid>-<thread>``
+    and its -wal/-shm/-journal. Called under the writer lock, which every
+    creator holds for as long as its temporary exists: any found now is stale.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    stale = re.compile(re.escape(base) + r"\.tmp-\d+-\d+(-wal|-shm|-journal)?")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if stale.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 def _fsync_dir(path: str) -> None:
