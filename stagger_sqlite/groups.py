@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Se
 
 import apsw
 
+from .consume import Consumer
 from .errors import AckOutOfRangeError, DecodeError, QueueClosedError, StaggerError
 from .validate import check_int, check_seconds, check_wait
 from .wakeup import Waiter
@@ -314,23 +315,32 @@ class GroupConsumer:
         self._entered = False
         # Before the first claim (the Waiter protocol): no ring is missed.
         self._waiter = Waiter(self._storage)
-        self._create(ack)
+        try:
+            self._create(ack)
+        except BaseException:
+            self._waiter.close()
+            raise
         if purge is not None:
             queue.purge(purge)
 
     def _create(self, ack: int) -> None:
         def create(conn: apsw.Connection) -> None:
-            if conn.execute(SQL_GROUP, (self.group,)).fetchall():
-                return  # an existing group: its own position wins, `ack` is ignored
-            last = _last_seq(conn)
-            if ack > last:
-                raise AckOutOfRangeError(
-                    f"ack={ack} is beyond the last seqno ever written to {self._queue.path} ({last}): "
-                    "that message was never written"
-                )
+            # INSERT OR IGNORE: a group another member created meanwhile
+            # keeps its own position (`ack` is ignored for it).
             conn.execute(SQL_CREATE, (self.group, ack, time.time()))
 
-        exists = self._storage.read(lambda conn: bool(conn.execute(SQL_GROUP, (self.group,)).fetchall()))
+        exists, last = self._storage.read(
+            lambda conn: (bool(conn.execute(SQL_GROUP, (self.group,)).fetchall()), _last_seq(conn))
+        )
+        if ack > last:
+            # Refused for an existing group too (SPEC §3: the caller claims to
+            # have processed a message never written), though its `ack` is
+            # otherwise ignored; last_seq never decreases, so this read is
+            # as good as a check inside the write below.
+            raise AckOutOfRangeError(
+                f"ack={ack} is beyond the last seqno ever written to {self._queue.path} ({last}): "
+                "that message was never written"
+            )
         if not exists:
             self._storage.write(create, notify=False)
 
@@ -620,6 +630,11 @@ class GroupConsumer:
         Returns True when it took effect; False when this member no longer
         holds it (its lease expired and it may be with another member, it was
         already finished, or it was never handed to this member).
+
+        Raises:
+            ValueError: ``seq`` is not a positive integer.
+            LockTimeoutError, StorageFullError, QueueClosedError: the write
+                failed (the message stays held until its lease expires).
         """
         check_int("seq", seq, 1)
         token = self._token_of(seq)
@@ -658,6 +673,7 @@ class GroupConsumer:
 
         Raises:
             ValueError: a bad ``seq`` or ``delay``.
+            LockTimeoutError, StorageFullError, QueueClosedError: as ``ack``.
         """
         check_int("seq", seq, 1)
         if delay is not None:
@@ -759,3 +775,7 @@ class GroupConsumer:
 
     def __repr__(self) -> str:
         return f"<GroupConsumer group={self.group!r} of {self._queue.path!r}>"
+
+
+# SPEC §3: `consume(...) -> Consumer`, with or without a group.
+Consumer.register(GroupConsumer)

@@ -173,8 +173,14 @@ class StaggerQueue:
     def write_many(self, msgs: Iterable[Any]) -> List[int]:
         """Append all messages in one transaction, all or none.
 
-        Returns their seqnos, consecutive. Raises as ``write``; an
-        ``EncodeError`` for any message writes none of them.
+        Args:
+            msgs: any iterable of messages (an empty one writes nothing).
+
+        Returns their seqnos, consecutive.
+
+        Raises:
+            EncodeError: the codec cannot encode one of them; none was written.
+            LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
         bodies = [codecs.encode(self._codec, m) for m in msgs]
         if not bodies:
@@ -243,16 +249,32 @@ class StaggerQueue:
 
     @property
     def last_seq(self) -> int:
-        """The highest seqno ever assigned, by any process (0 for a new queue)."""
+        """The highest seqno ever assigned, by any process (0 for a new queue).
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
         return self._storage.read(last_seq)
 
     def __len__(self) -> int:
-        """Messages currently stored (written and not purged)."""
+        """Messages currently stored (written and not purged).
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
         return self._storage.read(lambda conn: conn.execute(SQL_COUNT).fetchall()[0][0])
 
     def stats(self) -> Dict[str, Any]:
-        """Figures of the queue: ``last_seq``, ``stored``, ``bytes`` (file plus
-        WAL on disk) and ``groups`` (name -> figures)."""
+        """Figures of the queue, read in one snapshot.
+
+        Returns a dict with ``last_seq``, ``stored`` (messages stored),
+        ``bytes`` (file plus WAL on disk), ``groups`` (name -> the
+        ``GroupInfo`` figures as a dict), ``scheduled`` (entries not yet due)
+        and ``path``. It is JSON-serialisable (``stagger-sqlite info --json``).
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
 
         def figures(conn: apsw.Connection) -> Dict[str, Any]:
             return {
@@ -305,8 +327,8 @@ class StaggerQueue:
         Raises:
             ValueError: a negative or non-integer ``ack``/``purge``, ``batch`` < 1,
                 a bad ``wait``, ``group``, ``lease`` or ``max_attempts``.
-            AckOutOfRangeError: ``ack`` is beyond ``last_seq`` (for a group:
-                only when creating it).
+            AckOutOfRangeError: ``ack`` is beyond ``last_seq`` (with ``group``
+                too, even for an existing group whose ``ack`` is ignored).
             QueueClosedError: the queue was closed.
         """
         if group is not None:
@@ -316,14 +338,22 @@ class StaggerQueue:
         return Consumer(self, ack=ack, batch=batch, purge=purge, wait=wait)
 
     def groups(self) -> Dict[str, "groups_.GroupInfo"]:
-        """Every consumer group of this queue: name -> ``GroupInfo``."""
+        """Every consumer group of this queue: name -> ``GroupInfo``.
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
         return self._storage.read(groups_.group_figures, snapshot=True)
 
     def dead_letters(self, group: str) -> List["groups_.DeadLetter"]:
         """The dead letters of ``group``, by seq (empty for an unknown group).
 
+        Returns ``DeadLetter`` values (``seq``, ``msg``, ``attempts``,
+        ``error``); ``msg`` is None when the stored bytes cannot be decoded.
+
         Raises:
             ValueError: ``group`` is not a non-empty string.
+            QueueClosedError: the queue was closed.
         """
         return groups_.dead_letters(self, group)
 
@@ -331,26 +361,60 @@ class StaggerQueue:
         """Give dead letters of ``group`` (all, or those in ``seqs``) back to
         the group for delivery now, attempts reset. Returns how many.
 
+        Args:
+            group: the consumer group.
+            seqs: the dead letters' seqnos (None: all); seqnos that are not
+                dead letters of the group are skipped.
+
         Raises:
             ValueError: ``group`` is not a non-empty string, or a bad seq.
+            LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
         return groups_.requeue(self, group, seqs)
 
-    def aconsume(self, *args: Any, **kwargs: Any) -> "aio.AsyncConsumer":
+    def aconsume(
+        self,
+        ack: int = 0,
+        *,
+        batch: int = 50,
+        purge: Optional[int] = None,
+        wait: Union[bool, float] = True,
+        group: Optional[str] = None,
+        lease: float = 30.0,
+        max_attempts: int = 5,
+    ) -> "aio.AsyncConsumer":
         """``consume`` for asyncio: ``async for seq, msg in q.aconsume(...)``.
 
-        Same arguments and semantics as ``consume`` (it builds the same
-        consumer); waiting never blocks the event loop, and cancelling the
-        task that iterates leaves the queue (and the consumer) usable.
+        Same arguments, semantics and errors as ``consume`` (it builds the
+        same consumer, so argument errors raise here, not at the first
+        ``await``); waiting never blocks the event loop, and cancelling the
+        task that iterates leaves the queue (and the consumer) usable. Use it
+        as ``async with`` to close it (a group member: as ``with``).
+
+        Raises:
+            ValueError, AckOutOfRangeError, QueueClosedError: as ``consume``.
         """
-        return aio.AsyncConsumer(self.consume(*args, **kwargs))
+        return aio.AsyncConsumer(
+            self.consume(
+                ack, batch=batch, purge=purge, wait=wait, group=group, lease=lease, max_attempts=max_attempts
+            )
+        )
 
     def read_page(self, after: int, limit: int) -> List[tuple]:
         """Stored ``(seq, body)`` rows with ``seq > after``, ascending, at most
-        ``limit``; the read transaction ends before this returns."""
+        ``limit``; the read transaction ends before this returns.
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
         return self._storage.read(lambda conn: conn.execute(SQL_PAGE, (after, limit)).fetchall())
 
     def decode(self, body: bytes, seq: int) -> Any:
+        """Decode the stored bytes of message ``seq`` with this queue's codec.
+
+        Raises:
+            DecodeError: naming ``seq`` and the path.
+        """
         return codecs.decode(self._codec, body, seq, self.path)
 
     # -- purging ---------------------------------------------------------
@@ -362,6 +426,7 @@ class StaggerQueue:
 
         Raises:
             ValueError: ``upto`` is negative or not an integer.
+            LockTimeoutError, QueueClosedError: as ``write``.
         """
         if upto is not None:
             check_int("upto", upto)
@@ -383,6 +448,7 @@ class StaggerQueue:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` was called."""
         return self._storage.closed
 
     def close(self) -> None:
