@@ -79,6 +79,17 @@ def write_after_fork(q, conn):
     conn.send(q.write("from child"))
 
 
+def take_one_and_die(path):
+    q = StaggerQueue(path)
+    c = q.consume(group="g", batch=5, lease=0.5)
+    next(c)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow_handler(msg):
+    time.sleep(0.05)
+
+
 def spec_handler(msg):
     """Handler of the §7 test: fails for "bad"."""
     if msg == "bad":
@@ -520,6 +531,21 @@ def test_s4_ack_beyond_last_seq_is_out_of_range_for_groups_too(qpath):
         assert set(q.groups()) == {"old"}
 
 
+def test_s4_purge_with_a_group_never_beyond_what_it_finished(qpath):
+    # Reading chosen: with `group`, `purge=m` removes seq <= m (a group's `ack`
+    # is only its start point), capped by what every group has finished.
+    with StaggerQueue(qpath) as q:
+        q.write_many(range(10))
+        with q.consume(group="g", wait=False) as c:
+            for seq, _ in c:
+                if seq == 6:
+                    break
+        assert q.groups()["g"].acked == 6
+        q.consume(group="g", purge=8, wait=False).close()
+        assert len(q) == 4
+        assert [s for s, _ in q.consume(group="g", wait=False)] == [7, 8, 9, 10]
+
+
 def test_s4_method_signatures(qpath):
     p = params(StaggerQueue.dead_letters)
     assert list(p)[1:] == ["group"]
@@ -597,6 +623,24 @@ def test_s4_expired_lease_redelivers_and_fences_the_old_member(qpath):
         assert new.ack(1) is True
         new.close()
         assert q.groups()["g"].acked == 1
+
+
+def test_s4_a_dead_member_loses_nothing(qpath):
+    with StaggerQueue(qpath) as q:
+        q.write_many(range(5))
+        p = multiprocessing.get_context("spawn").Process(target=take_one_and_die, args=(qpath,))
+        p.start()
+        p.join(60)
+        assert p.exitcode == -signal.SIGKILL
+        assert q.groups()["g"].in_flight == 5  # claimed by the dead member
+        got = set()
+        with q.consume(group="g", wait=60.0) as c:
+            for seq, _ in c:
+                got.add(seq)
+                if len(got) == 5:
+                    break
+        assert got == {1, 2, 3, 4, 5}
+        assert q.groups()["g"].acked == 5
 
 
 def test_s4_dead_letters_and_requeue(qpath):
@@ -744,6 +788,21 @@ def test_s7_work_command_runs_a_handler_over_a_group(qpath):
         assert (info.acked, info.dead, info.in_flight, info.retrying) == (4, 1, 0, 0)
         (d,) = q.dead_letters("w")
         assert (d.seq, d.msg, d.attempts) == (2, "bad", 2) and "bad message" in d.error
+
+
+def test_s7_sigterm_stops_the_pool_with_status_0(qpath):
+    with StaggerQueue(qpath) as q:
+        q.write_many(range(1000))
+        p = subprocess.Popen(CLI + ["work", qpath, "--group", "w", "--handler", "tests.test_spec:slow_handler",
+                                    "--processes", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: "w" in q.groups() and q.groups()["w"].acked > 0, 60, message="work under way")
+        finally:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(60) == 0
+        assert "Traceback" not in p.stderr.read()
+        info = q.groups()["w"]
+        assert info.in_flight == 0 and info.acked < 1000  # in hand finished, the rest released
 
 
 def test_s7_the_pool_is_available_from_python():
