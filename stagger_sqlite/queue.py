@@ -20,7 +20,7 @@ from . import codec as codecs
 from . import schema
 from . import groups as groups_
 from .consume import Consumer
-from .errors import QueueClosedError
+from .errors import QueueClosedError, StaggerError
 from .storage import Storage
 from .validate import check_int, check_seconds
 
@@ -233,6 +233,29 @@ class StaggerQueue:
         """Promote the due scheduled entries (a write transaction); returns how many."""
         return self._storage.write(lambda conn: promote(conn, time.time()))
 
+    def _settled(self, fn: Any, *, snapshot: bool = False) -> Any:
+        """``fn(conn)`` read after promoting the scheduled entries that are
+        due, so figures count them (SPEC §2: a due entry *is* a message).
+
+        One read when none is due (the due check rides in it). A failed
+        promotion (lock timeout, read-only file) is left to the next writer
+        or consumer: the figures then show what is stored.
+        """
+
+        def read(conn: apsw.Connection) -> Any:
+            return fn(conn), conn.execute(SQL_NEXT_DUE).fetchall()[0][0]
+
+        result, due = self._storage.read(read, snapshot=snapshot)
+        if due is None or due > time.time():
+            return result
+        try:
+            self._promote_due()
+        except QueueClosedError:
+            raise
+        except (StaggerError, OSError):
+            return result
+        return self._storage.read(fn, snapshot=snapshot)
+
     async def awrite(self, msg: Any) -> int:
         """``write`` for asyncio: the write runs in the loop's default executor.
 
@@ -251,18 +274,21 @@ class StaggerQueue:
     def last_seq(self) -> int:
         """The highest seqno ever assigned, by any process (0 for a new queue).
 
+        Scheduled entries already due are promoted first (they are messages).
+
         Raises:
             QueueClosedError: the queue was closed.
         """
-        return self._storage.read(last_seq)
+        return self._settled(last_seq)
 
     def __len__(self) -> int:
-        """Messages currently stored (written and not purged).
+        """Messages currently stored (written and not purged), counting
+        scheduled entries already due (promoted first).
 
         Raises:
             QueueClosedError: the queue was closed.
         """
-        return self._storage.read(lambda conn: conn.execute(SQL_COUNT).fetchall()[0][0])
+        return self._settled(lambda conn: conn.execute(SQL_COUNT).fetchall()[0][0])
 
     def stats(self) -> Dict[str, Any]:
         """Figures of the queue, read in one snapshot.
@@ -271,6 +297,7 @@ class StaggerQueue:
         ``bytes`` (file plus WAL on disk), ``groups`` (name -> the
         ``GroupInfo`` figures as a dict), ``scheduled`` (entries not yet due)
         and ``path``. It is JSON-serialisable (``stagger-sqlite info --json``).
+        Scheduled entries already due are promoted first.
 
         Raises:
             QueueClosedError: the queue was closed.
@@ -287,7 +314,7 @@ class StaggerQueue:
                 },
             }
 
-        result = self._storage.read(figures, snapshot=True)
+        result = self._settled(figures, snapshot=True)
         result["bytes"] = schema.file_bytes(self.path)
         return result
 

@@ -365,6 +365,15 @@ def test_s2_schedule_with_delay(qpath):
         c.close()
 
 
+def test_s2_a_due_scheduled_message_counts_without_a_consumer(qpath):
+    with StaggerQueue(qpath) as q:
+        q.schedule("soon", delay=0.1)
+        assert (q.last_seq, len(q)) == (0, 0)
+        wait_for(lambda: q.last_seq == 1, 30, message="the entry promoted")
+        assert len(q) == 1 and q.stats()["stored"] == 1
+        assert list(q.consume(wait=False)) == [(1, "soon")]
+
+
 def test_s2_schedule_at_aware_datetime_and_epoch_seconds(qpath):
     with StaggerQueue(qpath) as q:
         q.schedule("dt", at=datetime.datetime.now(UTC) - datetime.timedelta(seconds=1))
