@@ -27,8 +27,9 @@ class Consumer(metaclass=abc.ABCMeta):
 
     Built by :meth:`StaggerQueue.consume`. One consumer belongs to one thread.
     SPEC §3 types every ``consume`` result as a ``Consumer``: a group member
-    (``groups.GroupConsumer``) is registered as a virtual subclass, so
-    ``isinstance(q.consume(group=...), Consumer)`` holds too.
+    (``groups.GroupConsumer``) is registered as a virtual subclass (in the
+    package's ``__init__``), so ``isinstance(q.consume(group=...), Consumer)``
+    holds too.
     It ends (StopIteration) when caught up with ``wait=False``, after ``wait``
     idle seconds, when closed, or when its queue is closed (quietly, even from
     another thread while it waits).

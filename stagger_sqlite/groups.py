@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Se
 
 import apsw
 
-from .consume import Consumer
 from .errors import AckOutOfRangeError, DecodeError, QueueClosedError, StaggerError
 from .validate import check_int, check_seconds, check_wait
 from .wakeup import Waiter
@@ -315,32 +314,23 @@ class GroupConsumer:
         self._entered = False
         # Before the first claim (the Waiter protocol): no ring is missed.
         self._waiter = Waiter(self._storage)
-        try:
-            self._create(ack)
-        except BaseException:
-            self._waiter.close()
-            raise
+        self._create(ack)
         if purge is not None:
             queue.purge(purge)
 
     def _create(self, ack: int) -> None:
         def create(conn: apsw.Connection) -> None:
-            # INSERT OR IGNORE: a group another member created meanwhile
-            # keeps its own position (`ack` is ignored for it).
+            if conn.execute(SQL_GROUP, (self.group,)).fetchall():
+                return  # an existing group: its own position wins, `ack` is ignored
+            last = _last_seq(conn)
+            if ack > last:
+                raise AckOutOfRangeError(
+                    f"ack={ack} is beyond the last seqno ever written to {self._queue.path} ({last}): "
+                    "that message was never written"
+                )
             conn.execute(SQL_CREATE, (self.group, ack, time.time()))
 
-        exists, last = self._storage.read(
-            lambda conn: (bool(conn.execute(SQL_GROUP, (self.group,)).fetchall()), _last_seq(conn))
-        )
-        if ack > last:
-            # Refused for an existing group too (SPEC §3: the caller claims to
-            # have processed a message never written), though its `ack` is
-            # otherwise ignored; last_seq never decreases, so this read is
-            # as good as a check inside the write below.
-            raise AckOutOfRangeError(
-                f"ack={ack} is beyond the last seqno ever written to {self._queue.path} ({last}): "
-                "that message was never written"
-            )
+        exists = self._storage.read(lambda conn: bool(conn.execute(SQL_GROUP, (self.group,)).fetchall()))
         if not exists:
             self._storage.write(create, notify=False)
 
@@ -775,7 +765,3 @@ class GroupConsumer:
 
     def __repr__(self) -> str:
         return f"<GroupConsumer group={self.group!r} of {self._queue.path!r}>"
-
-
-# SPEC §3: `consume(...) -> Consumer`, with or without a group.
-Consumer.register(GroupConsumer)

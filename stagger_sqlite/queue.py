@@ -20,7 +20,7 @@ from . import codec as codecs
 from . import schema
 from . import groups as groups_
 from .consume import Consumer
-from .errors import QueueClosedError, StaggerError
+from .errors import AckOutOfRangeError, QueueClosedError, StaggerError
 from .storage import Storage
 from .validate import check_int, check_seconds
 
@@ -359,6 +359,16 @@ class StaggerQueue:
             QueueClosedError: the queue was closed.
         """
         if group is not None:
+            if isinstance(ack, int) and not isinstance(ack, bool) and ack > 0:
+                # SPEC §3 for every consume: `ack` is ignored for an existing
+                # group, but a claim to have processed a message never
+                # written is still refused (last_seq never decreases).
+                last = self._storage.read(last_seq)
+                if ack > last:
+                    raise AckOutOfRangeError(
+                        f"ack={ack} is beyond the last seqno ever written to {self.path} ({last}): "
+                        "that message was never written"
+                    )
             return groups_.GroupConsumer(
                 self, group, ack=ack, batch=batch, lease=lease, max_attempts=max_attempts, wait=wait, purge=purge
             )
