@@ -9,6 +9,7 @@ checkpointed or a writer from committing.
 
 from __future__ import annotations
 
+import abc
 import collections
 import time
 from typing import TYPE_CHECKING, Any, Deque, Iterator, Optional, Tuple, Union
@@ -25,10 +26,14 @@ if TYPE_CHECKING:  # consume is handed its queue; no import cycle at run time
     from .queue import StaggerQueue
 
 
-class Consumer:
+class Consumer(metaclass=abc.ABCMeta):
     """Iterator of ``(seq, msg)`` after an ack point; also a context manager.
 
     Built by :meth:`StaggerQueue.consume`. One consumer belongs to one thread.
+    SPEC §3 types every ``consume`` result as a ``Consumer``: a group member
+    (``groups.GroupConsumer``) is registered as a virtual subclass (in the
+    package's ``__init__``), so ``isinstance(q.consume(group=...), Consumer)``
+    holds too.
     It ends (StopIteration) when caught up with ``wait=False``, after ``wait``
     idle seconds, when closed, or when its queue is closed (quietly, even from
     another thread while it waits).

@@ -20,7 +20,7 @@ from . import codec as codecs
 from . import schema
 from . import groups as groups_
 from .consume import Consumer
-from .errors import QueueClosedError
+from .errors import AckOutOfRangeError, QueueClosedError, StaggerError
 from .storage import Storage
 from .validate import check_int, check_seconds
 
@@ -182,8 +182,14 @@ class StaggerQueue:
     def write_many(self, msgs: Iterable[Any]) -> List[int]:
         """Append all messages in one transaction, all or none.
 
-        Returns their seqnos, consecutive. Raises as ``write``; an
-        ``EncodeError`` for any message writes none of them.
+        Args:
+            msgs: any iterable of messages (an empty one writes nothing).
+
+        Returns their seqnos, consecutive.
+
+        Raises:
+            EncodeError: the codec cannot encode one of them; none was written.
+            LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
         bodies = [codecs.encode(self._codec, m) for m in msgs]
         if not bodies:
@@ -243,6 +249,29 @@ class StaggerQueue:
         """Promote the due scheduled entries (a write transaction); returns how many."""
         return self._storage.write(lambda conn: promote(conn, time.time())[0])
 
+    def _settled(self, fn: Any, *, snapshot: bool = False) -> Any:
+        """``fn(conn)`` read after promoting the scheduled entries that are
+        due, so figures count them (SPEC §2: a due entry *is* a message).
+
+        One read when none is due (the due check rides in it). A failed
+        promotion (lock timeout, read-only file) is left to the next writer
+        or consumer: the figures then show what is stored.
+        """
+
+        def read(conn: apsw.Connection) -> Any:
+            return fn(conn), conn.execute(SQL_NEXT_DUE).fetchall()[0][0]
+
+        result, due = self._storage.read(read, snapshot=snapshot)
+        if due is None or due > time.time():
+            return result
+        try:
+            self._promote_due()
+        except QueueClosedError:
+            raise
+        except (StaggerError, OSError):
+            return result
+        return self._storage.read(fn, snapshot=snapshot)
+
     async def awrite(self, msg: Any) -> int:
         """``write`` for asyncio: the write runs in the loop's default executor.
 
@@ -259,16 +288,36 @@ class StaggerQueue:
 
     @property
     def last_seq(self) -> int:
-        """The highest seqno ever assigned, by any process (0 for a new queue)."""
-        return self._storage.read(last_seq)
+        """The highest seqno ever assigned, by any process (0 for a new queue).
+
+        Scheduled entries already due are promoted first (they are messages).
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
+        return self._settled(last_seq)
 
     def __len__(self) -> int:
-        """Messages currently stored (written and not purged)."""
-        return self._storage.read(lambda conn: conn.execute(SQL_COUNT).fetchall()[0][0])
+        """Messages currently stored (written and not purged), counting
+        scheduled entries already due (promoted first).
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
+        return self._settled(lambda conn: conn.execute(SQL_COUNT).fetchall()[0][0])
 
     def stats(self) -> Dict[str, Any]:
-        """Figures of the queue: ``last_seq``, ``stored``, ``bytes`` (file plus
-        WAL on disk) and ``groups`` (name -> figures)."""
+        """Figures of the queue, read in one snapshot.
+
+        Returns a dict with ``last_seq``, ``stored`` (messages stored),
+        ``bytes`` (file plus WAL on disk), ``groups`` (name -> the
+        ``GroupInfo`` figures as a dict), ``scheduled`` (entries not yet due)
+        and ``path``. It is JSON-serialisable (``stagger-sqlite info --json``).
+        Scheduled entries already due are promoted first.
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
 
         def figures(conn: apsw.Connection) -> Dict[str, Any]:
             return {
@@ -281,7 +330,7 @@ class StaggerQueue:
                 },
             }
 
-        result = self._storage.read(figures, snapshot=True)
+        result = self._settled(figures, snapshot=True)
         result["bytes"] = schema.file_bytes(self.path)
         return result
 
@@ -321,25 +370,43 @@ class StaggerQueue:
         Raises:
             ValueError: a negative or non-integer ``ack``/``purge``, ``batch`` < 1,
                 a bad ``wait``, ``group``, ``lease`` or ``max_attempts``.
-            AckOutOfRangeError: ``ack`` is beyond ``last_seq`` (for a group:
-                only when creating it).
+            AckOutOfRangeError: ``ack`` is beyond ``last_seq`` (with ``group``
+                too, even for an existing group whose ``ack`` is ignored).
             QueueClosedError: the queue was closed.
         """
         if group is not None:
+            if isinstance(ack, int) and not isinstance(ack, bool) and ack > 0:
+                # SPEC §3 for every consume: `ack` is ignored for an existing
+                # group, but a claim to have processed a message never
+                # written is still refused (last_seq never decreases).
+                last = self._storage.read(last_seq)
+                if ack > last:
+                    raise AckOutOfRangeError(
+                        f"ack={ack} is beyond the last seqno ever written to {self.path} ({last}): "
+                        "that message was never written"
+                    )
             return groups_.GroupConsumer(
                 self, group, ack=ack, batch=batch, lease=lease, max_attempts=max_attempts, wait=wait, purge=purge
             )
         return Consumer(self, ack=ack, batch=batch, purge=purge, wait=wait)
 
     def groups(self) -> Dict[str, "groups_.GroupInfo"]:
-        """Every consumer group of this queue: name -> ``GroupInfo``."""
+        """Every consumer group of this queue: name -> ``GroupInfo``.
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
         return self._storage.read(groups_.group_figures, snapshot=True)
 
     def dead_letters(self, group: str) -> List["groups_.DeadLetter"]:
         """The dead letters of ``group``, by seq (empty for an unknown group).
 
+        Returns ``DeadLetter`` values (``seq``, ``msg``, ``attempts``,
+        ``error``); ``msg`` is None when the stored bytes cannot be decoded.
+
         Raises:
             ValueError: ``group`` is not a non-empty string.
+            QueueClosedError: the queue was closed.
         """
         return groups_.dead_letters(self, group)
 
@@ -347,26 +414,60 @@ class StaggerQueue:
         """Give dead letters of ``group`` (all, or those in ``seqs``) back to
         the group for delivery now, attempts reset. Returns how many.
 
+        Args:
+            group: the consumer group.
+            seqs: the dead letters' seqnos (None: all); seqnos that are not
+                dead letters of the group are skipped.
+
         Raises:
             ValueError: ``group`` is not a non-empty string, or a bad seq.
+            LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
         return groups_.requeue(self, group, seqs)
 
-    def aconsume(self, *args: Any, **kwargs: Any) -> "aio.AsyncConsumer":
+    def aconsume(
+        self,
+        ack: int = 0,
+        *,
+        batch: int = 50,
+        purge: Optional[int] = None,
+        wait: Union[bool, float] = True,
+        group: Optional[str] = None,
+        lease: float = 30.0,
+        max_attempts: int = 5,
+    ) -> "aio.AsyncConsumer":
         """``consume`` for asyncio: ``async for seq, msg in q.aconsume(...)``.
 
-        Same arguments and semantics as ``consume`` (it builds the same
-        consumer); waiting never blocks the event loop, and cancelling the
-        task that iterates leaves the queue (and the consumer) usable.
+        Same arguments, semantics and errors as ``consume`` (it builds the
+        same consumer, so argument errors raise here, not at the first
+        ``await``); waiting never blocks the event loop, and cancelling the
+        task that iterates leaves the queue (and the consumer) usable. Use it
+        as ``async with`` to close it (a group member: as ``with``).
+
+        Raises:
+            ValueError, AckOutOfRangeError, QueueClosedError: as ``consume``.
         """
-        return aio.AsyncConsumer(self.consume(*args, **kwargs))
+        return aio.AsyncConsumer(
+            self.consume(
+                ack, batch=batch, purge=purge, wait=wait, group=group, lease=lease, max_attempts=max_attempts
+            )
+        )
 
     def read_page(self, after: int, limit: int) -> List[tuple]:
         """Stored ``(seq, body)`` rows with ``seq > after``, ascending, at most
-        ``limit``; the read transaction ends before this returns."""
+        ``limit``; the read transaction ends before this returns.
+
+        Raises:
+            QueueClosedError: the queue was closed.
+        """
         return self._storage.read(lambda conn: conn.execute(SQL_PAGE, (after, limit)).fetchall())
 
     def decode(self, body: bytes, seq: int) -> Any:
+        """Decode the stored bytes of message ``seq`` with this queue's codec.
+
+        Raises:
+            DecodeError: naming ``seq`` and the path.
+        """
         return codecs.decode(self._codec, body, seq, self.path)
 
     # -- purging ---------------------------------------------------------
@@ -378,6 +479,7 @@ class StaggerQueue:
 
         Raises:
             ValueError: ``upto`` is negative or not an integer.
+            LockTimeoutError, QueueClosedError: as ``write``.
         """
         if upto is not None:
             check_int("upto", upto)
@@ -399,6 +501,7 @@ class StaggerQueue:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` was called."""
         return self._storage.closed
 
     def close(self) -> None:

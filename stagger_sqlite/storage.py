@@ -106,6 +106,7 @@ def _after_fork_child() -> None:
         s._pending = []
         s._leading = False
         s._crowd = 0
+        s._leader = None
     _FORKING.clear()
 
 
@@ -160,6 +161,7 @@ class Storage:
         self._pending: List[_Job] = []
         self._leading = False
         self._crowd = 0  # size of the last batch: >1 means threads contend
+        self._leader: Optional[int] = None  # thread running a batch
         self._conn: Optional[apsw.Connection] = None
         self._lock: Optional[WriterLock] = None
         self._closed = False
@@ -342,11 +344,20 @@ class Storage:
                 it, SQLite's write lock) stayed taken for ``timeout`` seconds.
             StorageFullError: the disk or size limit is full.
         """
+        if self._leader == threading.get_ident():
+            # fn of a write in progress called write(): waiting for our own
+            # batch would never end.
+            raise RuntimeError(f"{self.path}: a write transaction cannot start another write")
         job = _Job(fn, notify, time.monotonic())
         with self._group:
             self._pending.append(job)
-            while self._leading and not job.done:
-                self._group.wait()
+            try:
+                while self._leading and not job.done:
+                    self._group.wait()
+            except BaseException:  # KeyboardInterrupt while waiting
+                if job in self._pending:
+                    self._pending.remove(job)  # not taken yet: withdraw it
+                raise
             if not job.done:
                 # Lead: take every writer waiting now (ourselves included).
                 self._leading = True
@@ -358,11 +369,13 @@ class Storage:
                     self._group.acquire()
                 batch, self._pending = self._pending, []
                 self._crowd = len(batch)
+                self._leader = threading.get_ident()
         if not job.done:
             try:
                 self._commit_batch(batch, job)
             finally:
                 with self._group:
+                    self._leader = None
                     self._leading = False
                     self._group.notify_all()
         if job.error is not None:
