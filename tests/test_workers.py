@@ -231,13 +231,6 @@ def test_worker_pool_validates_its_arguments(qpath):
         WorkerPool(qpath, "g", record, processes=0)
 
 
-def test_pause_flag_is_shared_through_the_file(qpath):
-    with StaggerQueue(qpath) as a, StaggerQueue(qpath) as b:
-        assert not control.is_paused(b, "g")
-        control.pause(a, "g")
-        assert control.is_paused(b, "g") and not control.is_paused(b, "other")
-        control.resume(a, "g")
-        assert not control.is_paused(b, "g")
 
 
 def test_parse_rate():
