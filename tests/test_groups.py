@@ -427,7 +427,7 @@ def test_readme_group_examples_run(tmp_path):
     section = text.split("Consumer groups: worker processes\n", 1)[1]
     section = re.split(r"\n[^\n]+\n=+\n", section, maxsplit=1)[0]
     blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", section)
-    assert len(blocks) >= 3
+    assert len(blocks) >= 6
     for i, block in enumerate(blocks):
         script = tmp_path / f"example{i}.py"
         script.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n")
@@ -437,6 +437,12 @@ def test_readme_group_examples_run(tmp_path):
             assert "acked=1000" in out.stdout and "dead=0" in out.stdout
         if "dead-demo" in block:
             assert out.stdout.splitlines() == ["2 poison 1 cannot parse", "1", "[2]"]
+        if "lists-demo" in block:
+            assert out.stdout.splitlines() == ["[1, 2, 3]", "[4, 5, 6]", "[7]", "7"]
+        if "pause-demo" in block:
+            assert out.stdout.splitlines() == ["[]", "True", "[1, 2]"]
+        if "drop-demo" in block:
+            assert out.stdout.splitlines() == ["0", "True", "5"]
 
 
 def test_keyboard_interrupt_releases_everything_without_an_attempt(q):
