@@ -20,6 +20,10 @@ from .groups import DeadLetter, GroupConsumer, GroupInfo
 from .queue import StaggerQueue
 from .workers import WorkerPool
 
+# SPEC §3 types every `consume(...)` result as a Consumer: a group member is
+# one too (a virtual subclass; it shares no code with the plain consumer).
+Consumer.register(GroupConsumer)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -180,7 +180,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     with open_queue(args.path) as q:
-        emit(str(q.purge(args.upto)))
+        emit(str(q.purge(args.upto if args.upto is not None else args.upto_pos)))
     return 0
 
 
@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("purge", cmd_purge, "remove stored messages every group has finished",
                 f"{PROG} purge jobs.db --upto 1000")
+    p.add_argument("upto_pos", nargs="?", type=int, metavar="UPTO", help="same as --upto")
     p.add_argument("--upto", type=int, help="remove seqnos <= this (default: all finished)")
 
     p = command("dead", cmd_dead, "print a group's dead letters as JSON lines", f"{PROG} dead jobs.db --group mailer")

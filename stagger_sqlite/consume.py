@@ -9,22 +9,31 @@ checkpointed or a writer from committing.
 
 from __future__ import annotations
 
+import abc
 import collections
 import time
 from typing import TYPE_CHECKING, Any, Deque, Iterator, Optional, Tuple, Union
 
-from .errors import AckOutOfRangeError, QueueClosedError
+from .errors import AckOutOfRangeError, LockTimeoutError, QueueClosedError, StorageFullError
 from .validate import check_int, check_wait
 from .wakeup import Waiter
+
+#: Seconds before a consumer that could not promote due scheduled entries
+#: (no write access) looks again.
+PROMOTE_RETRY = 1.0
 
 if TYPE_CHECKING:  # consume is handed its queue; no import cycle at run time
     from .queue import StaggerQueue
 
 
-class Consumer:
+class Consumer(metaclass=abc.ABCMeta):
     """Iterator of ``(seq, msg)`` after an ack point; also a context manager.
 
     Built by :meth:`StaggerQueue.consume`. One consumer belongs to one thread.
+    SPEC §3 types every ``consume`` result as a ``Consumer``: a group member
+    (``groups.GroupConsumer``) is registered as a virtual subclass (in the
+    package's ``__init__``), so ``isinstance(q.consume(group=...), Consumer)``
+    holds too.
     It ends (StopIteration) when caught up with ``wait=False``, after ``wait``
     idle seconds, when closed, or when its queue is closed (quietly, even from
     another thread while it waits).
@@ -94,20 +103,21 @@ class Consumer:
                 return seq, self._queue.decode(body, seq)
             try:
                 rows = self._queue.read_page(self.position, self._batch)
-            except QueueClosedError:
-                # closed by another thread between the check above and the read
+                if rows:
+                    self._rows.extend(rows)
+                    self._idle_deadline = None
+                    self._waiter.reset()
+                    continue
+                # Caught up. Scheduled messages that are due become messages
+                # now (no daemon does it); the wait below is cut to the next
+                # due time.
+                until_due = self._queue._until_due()
+                if until_due is not None and until_due <= 0:
+                    if self._promote():
+                        continue
+                    until_due = PROMOTE_RETRY
+            except QueueClosedError:  # closed by another thread just now
                 raise StopIteration from None
-            if rows:
-                self._rows.extend(rows)
-                self._idle_deadline = None
-                self._waiter.reset()
-                continue
-            # Caught up. Scheduled messages that are due become messages now
-            # (no daemon does it); the wait below is cut to the next due time.
-            until_due = self._queue._until_due()
-            if until_due is not None and until_due <= 0:
-                self._queue._promote_due()
-                continue
             if self._wait is False:
                 raise StopIteration
             remaining: Optional[float] = None
@@ -124,6 +134,16 @@ class Consumer:
                 remaining = until_due if remaining is None else min(remaining, until_due)
             if not self._waiter.wait(remaining):
                 raise StopIteration
+
+    def _promote(self) -> bool:
+        """Promote due scheduled entries; False when this process cannot
+        write the file (read-only, disk full, lock held too long): consuming
+        goes on, and a writer or another consumer will promote them."""
+        try:
+            self._queue._promote_due()
+        except (PermissionError, LockTimeoutError, StorageFullError):
+            return False
+        return True
 
     def close(self) -> None:
         """Stop the consumer; later ``next()`` calls raise StopIteration. Idempotent."""

@@ -801,6 +801,11 @@ class GroupConsumer:
         Returns True when it took effect; False when this member no longer
         holds it (its lease expired and it may be with another member, it was
         already finished, or it was never handed to this member).
+
+        Raises:
+            ValueError: ``seq`` is not a positive integer.
+            LockTimeoutError, StorageFullError, QueueClosedError: the write
+                failed (the message stays held until its lease expires).
         """
         check_int("seq", seq, 1)
         token = self._token_of(seq)
@@ -839,6 +844,7 @@ class GroupConsumer:
 
         Raises:
             ValueError: a bad ``seq`` or ``delay``.
+            LockTimeoutError, StorageFullError, QueueClosedError: as ``ack``.
         """
         check_int("seq", seq, 1)
         if delay is not None:

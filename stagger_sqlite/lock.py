@@ -12,7 +12,10 @@ acquire (about 64 µs, half a durable commit) and a blocked waiter polls every
 50 ms. We keep one descriptor open for the life of the queue and hand it to
 ``filelock.lock_descriptor``; a blocked waiter polls in short steps, or when it
 may wait forever, sleeps in the kernel and is woken the moment the lock is
-released.
+released. Waiting processes announce themselves on bytes of the lock file
+(POSIX record locks, independent of the flock), so that a process writing
+back to back hands the lock over instead of starving them
+(``WriterLock.acquire``).
 """
 
 from __future__ import annotations
@@ -46,8 +49,12 @@ FAST_FOR = 0.05
 RECENT = 0.002
 SLICE = 0.001
 COURTESY = 0.0003
-#: The byte of the lock file that waiters lock (shared) to announce themselves.
+#: Bytes of the lock file that waiters lock (shared) to announce themselves:
+#: every waiter on WAITER_BYTE, those waiting for STARVE seconds or more also
+#: on STARVING_BYTE (they get the lock first).
 WAITER_BYTE = 1
+STARVING_BYTE = 2
+STARVE = 0.004
 
 
 def open_lock_file(lock_path: str, mode: int) -> int:
@@ -88,7 +95,9 @@ class WriterLock:
         microseconds of each release and the others, which can only notice a
         release by polling, would starve (tens of milliseconds at p99 with 4
         producers). The slice keeps most hand-offs, which leave the lock idle
-        for a poll's time, off the path of each commit.
+        for a poll's time, off the path of each commit. Among waiters, those
+        that have waited ``STARVE`` seconds go first: the others (and any
+        newcomer) leave the lock to them, so no waiter loses round after round.
 
         Raises:
             LockTimeoutError: another writer held it for the whole timeout.
@@ -97,7 +106,9 @@ class WriterLock:
         now = time.monotonic()
         if now - self._released_at >= RECENT:
             self._run_start = now  # not back to back: a new run of writes
-        courteous = now - self._run_start >= SLICE and self._others_waiting()
+        courteous = self._others_announce(STARVING_BYTE) or (
+            now - self._run_start >= SLICE and self._others_announce(WAITER_BYTE)
+        )
         if not courteous and filelock.lock_descriptor(fd, blocking=False):
             return
         self._wait(fd, timeout, first_pause=COURTESY if courteous else MIN_POLL)
@@ -115,7 +126,8 @@ class WriterLock:
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         pause = first_pause
-        self._announce(True)
+        starving = False
+        self._announce(WAITER_BYTE, True)
         try:
             if timeout is None and fcntl is not None:
                 if first_pause > MIN_POLL:
@@ -131,14 +143,22 @@ class WriterLock:
                         )
                     pause = min(pause, remaining)
                 time.sleep(pause)
-                if filelock.lock_descriptor(fd, blocking=False):
+                waited = time.monotonic() - start
+                if not starving and waited >= STARVE:
+                    starving = True
+                    self._announce(STARVING_BYTE, True)
+                if (starving or not self._others_announce(STARVING_BYTE)) and filelock.lock_descriptor(
+                    fd, blocking=False
+                ):
                     return
-                if time.monotonic() - start < FAST_FOR:
+                if waited < FAST_FOR:
                     pause = FAST_POLL
                 else:
                     pause = min(max(pause, FAST_POLL) * 2, MAX_POLL)
         finally:
-            self._announce(False)
+            if starving:
+                self._announce(STARVING_BYTE, False)
+            self._announce(WAITER_BYTE, False)
 
     def release(self) -> None:
         filelock.unlock_descriptor(self._fd())
@@ -151,24 +171,24 @@ class WriterLock:
     # (POSIX locks drop when the process closes any descriptor of the file)
     # the only cost is a less fair hand-off.
 
-    def _announce(self, waiting: bool) -> None:
+    def _announce(self, byte: int, on: bool) -> None:
         if fcntl is None:  # pragma: no cover - Windows
             return
         try:
-            fcntl.lockf(self._fd(), fcntl.LOCK_SH if waiting else fcntl.LOCK_UN, 1, WAITER_BYTE)
+            fcntl.lockf(self._fd(), fcntl.LOCK_SH if on else fcntl.LOCK_UN, 1, byte)
         except OSError:
             pass
 
-    def _others_waiting(self) -> bool:
-        """True when another process announces that it waits for the lock."""
+    def _others_announce(self, byte: int) -> bool:
+        """True when another process holds its announcement on ``byte``."""
         if fcntl is None:  # pragma: no cover - Windows
             return False
         fd = self._fd()
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, WAITER_BYTE)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
         except OSError:
             return True
-        fcntl.lockf(fd, fcntl.LOCK_UN, 1, WAITER_BYTE)
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, byte)
         return False
 
     def ring(self) -> None:

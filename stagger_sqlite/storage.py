@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import stat
 import threading
 import time
 import weakref
@@ -54,7 +56,7 @@ def sqlite_errors(path: str) -> Iterator[None]:
         yield
     except apsw.FullError as e:
         raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
-    except (apsw.BusyError, apsw.LockedError) as e:
+    except (apsw.BusyError, apsw.LockedError):
         # Not SQLite's own words: "database is locked" is what users must never see.
         raise LockTimeoutError(
             f"{path} was held by a writer outside stagger_sqlite's writer lock for the whole timeout; nothing was written"
@@ -104,6 +106,7 @@ def _after_fork_child() -> None:
         s._pending = []
         s._leading = False
         s._crowd = 0
+        s._leader = None
     _FORKING.clear()
 
 
@@ -158,6 +161,7 @@ class Storage:
         self._pending: List[_Job] = []
         self._leading = False
         self._crowd = 0  # size of the last batch: >1 means threads contend
+        self._leader: Optional[int] = None  # thread running a batch
         self._conn: Optional[apsw.Connection] = None
         self._lock: Optional[WriterLock] = None
         self._closed = False
@@ -169,8 +173,7 @@ class Storage:
     # -- opening ---------------------------------------------------------
 
     def _open_or_create(self) -> None:
-        if os.path.isdir(self.path):
-            raise NotAQueueError(f"{self.path} is a directory, not a queue file")
+        _check_regular(self.path)
         try:
             header = schema.read_header(self.path)
         except FileNotFoundError:
@@ -195,6 +198,8 @@ class Storage:
         lock.acquire(self.timeout)
         tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
+            _remove_stale_temporaries(self.path)
+            _check_regular(self.path)
             try:
                 if os.path.getsize(self.path) > 0:
                     schema.check_header(self.path, schema.read_header(self.path))
@@ -339,11 +344,20 @@ class Storage:
                 it, SQLite's write lock) stayed taken for ``timeout`` seconds.
             StorageFullError: the disk or size limit is full.
         """
+        if self._leader == threading.get_ident():
+            # fn of a write in progress called write(): waiting for our own
+            # batch would never end.
+            raise RuntimeError(f"{self.path}: a write transaction cannot start another write")
         job = _Job(fn, notify, time.monotonic())
         with self._group:
             self._pending.append(job)
-            while self._leading and not job.done:
-                self._group.wait()
+            try:
+                while self._leading and not job.done:
+                    self._group.wait()
+            except BaseException:  # KeyboardInterrupt while waiting
+                if job in self._pending:
+                    self._pending.remove(job)  # not taken yet: withdraw it
+                raise
             if not job.done:
                 # Lead: take every writer waiting now (ourselves included).
                 self._leading = True
@@ -355,11 +369,13 @@ class Storage:
                     self._group.acquire()
                 batch, self._pending = self._pending, []
                 self._crowd = len(batch)
+                self._leader = threading.get_ident()
         if not job.done:
             try:
                 self._commit_batch(batch, job)
             finally:
                 with self._group:
+                    self._leader = None
                     self._leading = False
                     self._group.notify_all()
         if job.error is not None:
@@ -458,6 +474,43 @@ class Storage:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.close()
+
+
+def _check_regular(path: str) -> None:
+    """Refuse a path that exists and is not a regular file (or a link to one).
+
+    A device, FIFO or socket is never a queue: reading its header could block
+    forever (a FIFO), and an empty one would be taken for a missing file and
+    *replaced* by a new queue (``/dev/null`` renamed over, as root).
+
+    Raises:
+        NotAQueueError: naming what the path is.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket, not a regular file"
+    raise NotAQueueError(f"{path} is {kind}, not a queue file")
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete what creators killed mid-creation left: ``<path>.tmp-<pid>-<thread>``
+    and its -wal/-shm/-journal. Called under the writer lock, which every
+    creator holds for as long as its temporary exists: any found now is stale.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    stale = re.compile(re.escape(base) + r"\.tmp-\d+-\d+(-wal|-shm|-journal)?")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if stale.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 def _fsync_dir(path: str) -> None:

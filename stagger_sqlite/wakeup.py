@@ -35,12 +35,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import struct
 import threading
 import weakref
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Set
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -106,23 +105,35 @@ def nonblocking() -> Iterator[None]:
 # -- inotify through libc (no dependency) ------------------------------------
 
 
+_LIBC: Optional[ctypes.CDLL] = None
+
+
 def _libc() -> Optional[ctypes.CDLL]:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or None, use_errno=True)
-        libc.inotify_init1  # noqa: B018 - AttributeError where there is none
-        libc.inotify_add_watch
-    except (OSError, AttributeError):
-        return None
-    libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-    return libc
+    """libc with the inotify calls, or None (loaded once per process)."""
+    global _LIBC
+    if _LIBC is not None:
+        return _LIBC
+    # dlopen(NULL) sees the libc Python is linked with; no find_library(),
+    # which would run ldconfig in a subprocess.
+    for name in (None, "libc.so.6"):
+        try:
+            libc = ctypes.CDLL(name, use_errno=True)
+            libc.inotify_init1  # noqa: B018 - AttributeError where there is none
+            libc.inotify_add_watch
+            libc.inotify_rm_watch
+        except (OSError, AttributeError):
+            continue
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+        _LIBC = libc
+        return libc
+    return None
 
 
 class _Channel:
     """The waiters of one watched lock file (one inotify watch) in this process."""
 
-    def __init__(self, wd: int, lock: threading.Lock) -> None:
+    def __init__(self, wd: int, lock: "threading.RLock") -> None:
         self.wd = wd
         self.generation = 0
         self.refs = 0
@@ -142,14 +153,18 @@ class _Hub:
         self.libc = libc
         self.fd = fd
         self.pid = os.getpid()
-        self.lock = threading.Lock()
+        # Reentrant: a GC pass may run a finalizer (a consumer's close(), a
+        # queue's close() that wakes everyone) in a thread that holds it.
+        self.lock = threading.RLock()
         self.channels: Dict[int, _Channel] = {}
+        self.released: List[_Channel] = []
         self.thread = threading.Thread(target=self._run, name="stagger-sqlite-wakeup", daemon=True)
         self.thread.start()
 
     def attach(self, path: str) -> Optional[_Channel]:
         """A counted reference to the channel of ``path`` (None: cannot watch it)."""
         with self.lock:
+            self._drain()
             wd = self.libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY)
             if wd < 0:
                 return None
@@ -160,13 +175,24 @@ class _Hub:
             return ch
 
     def release(self, ch: _Channel) -> None:
-        with self.lock:
+        """Give back a reference taken by ``attach``.
+
+        Never takes the lock: this runs from finalizers, which a GC pass may
+        start in a thread that holds it. The watch is removed at the next
+        ``attach`` or event, by :meth:`_drain`.
+        """
+        if self.pid == os.getpid():  # an inherited hub: leave its state alone
+            self.released.append(ch)  # list.append is atomic
+
+    def _drain(self) -> None:
+        """Apply the pending releases. The caller holds the lock."""
+        while self.released:
+            ch = self.released.pop()
             ch.refs -= 1
             if ch.refs == 0 and ch.alive and self.channels.get(ch.wd) is ch:
                 del self.channels[ch.wd]
                 ch.alive = False
-                if self.pid == os.getpid():
-                    self.libc.inotify_rm_watch(self.fd, ch.wd)
+                self.libc.inotify_rm_watch(self.fd, ch.wd)
 
     def wake_all(self) -> None:
         """Wake every waiter of every channel (a queue was closed)."""
@@ -186,7 +212,11 @@ class _Hub:
                 continue
             except OSError:  # the fd was closed (after fork in a child): stop
                 return
-            self._dispatch(data)
+            try:
+                self._dispatch(data)
+            except Exception:  # pragma: no cover - never let the thread die
+                # Waiters would fall back on their 1 s safety poll; keep going.
+                continue
 
     def _dispatch(self, data: bytes) -> None:
         rung: Set[int] = set()
@@ -204,6 +234,7 @@ class _Hub:
                 rung.add(wd)
         listeners = []
         with self.lock:
+            self._drain()
             targets = list(self.channels.values()) if overflow else [self.channels[w] for w in rung | gone if w in self.channels]
             for ch in targets:
                 ch.generation += 1
@@ -295,7 +326,7 @@ class Waiter:
         if not os.path.exists(self._path):
             return None
         ch = hub.attach(self._path)
-        if ch is None:
+        if ch is None:  # no such file any more, or no watch left (ENOSPC)
             return None
         self._hub, self._channel = hub, ch
         with hub.lock:
@@ -325,9 +356,12 @@ class Waiter:
         """
         if self._closed.is_set():
             return False
+        before = self._channel
         ch = self._attach()
         if ch is None:
             return self._poll_wait(timeout)
+        if ch is not before:
+            return True  # watching anew (after a fork, a replaced file): look first
         hub = self._hub
         assert hub is not None
         limit = SAFETY_POLL if timeout is None else max(0.0, min(timeout, SAFETY_POLL))
@@ -360,10 +394,13 @@ class Waiter:
         """
         if self._closed.is_set():
             return False
+        before = self._channel
         ch = self._attach()
         if ch is None:
             await asyncio.sleep(self._next_pause(timeout))
             return not self._closed.is_set()
+        if ch is not before:
+            return True
         hub = self._hub
         assert hub is not None
         loop = asyncio.get_running_loop()

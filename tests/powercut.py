@@ -38,8 +38,11 @@ class Disk:
         self.pending: Dict[str, List[Op]] = {}
         self.armed = False
         self.returned = 0  # messages whose write call returned
+        self.purge_intended = 0  # highest bound a purge was called with
+        self.purge_returned = 0  # highest bound of a purge that returned
         self.boundaries = [0]  # message counts at which a call's commit ended
         self.images = 0
+        self.truncations: Dict[str, int] = {}  # file -> xTruncate calls
 
     def track(self, name: str) -> None:
         if name not in self.durable:
@@ -60,6 +63,8 @@ class Disk:
             self.pending[name] = []
         else:
             self.pending[name].append(op)
+            if op[0] == "T":
+                self.truncations[os.path.basename(name)] = self.truncations.get(os.path.basename(name), 0) + 1
 
     def cut(self, when: str) -> None:
         """Save one image of what the disk could hold if the power went now."""
@@ -84,7 +89,19 @@ class Disk:
             with open(os.path.join(out, os.path.basename(name)), "wb") as f:
                 f.write(image)
         with open(os.path.join(self.outdir, "manifest.jsonl"), "a") as f:
-            f.write(json.dumps({"image": out, "returned": self.returned, "when": when, "how": how}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "image": out,
+                        "returned": self.returned,
+                        "purge_intended": self.purge_intended,
+                        "purge_returned": self.purge_returned,
+                        "when": when,
+                        "how": how,
+                    }
+                )
+                + "\n"
+            )
         self.images += 1
 
 
@@ -133,9 +150,11 @@ class RecordingVFS(apsw.VFS):
         return RecordingFile(self.disk, name, flags)
 
 
-def writer(path: str, outdir: str, durability: str, calls: int, seed: int, cut_p: float) -> None:
+def writer(path: str, outdir: str, durability: str, calls: int, seed: int, cut_p: float, purge_p: float = 0.0) -> None:
     """Write ``calls`` times (write or write_many of 1-8), messages ``w.0``,
-    ``w.1``..., saving power-cut images along the way."""
+    ``w.1``..., saving power-cut images along the way; after a call, with
+    probability ``purge_p``, purge all but the last ~40 messages (which frees
+    pages and, past a threshold, truncates the file: incremental vacuum)."""
     from stagger_sqlite import StaggerQueue
     from tests.faults import payload
 
@@ -161,7 +180,13 @@ def writer(path: str, outdir: str, durability: str, calls: int, seed: int, cut_p
         disk.boundaries.append(n)
         if rnd.random() < cut_p * 4:
             disk.cut("after-return")
+        if rnd.random() < purge_p and n > 40:
+            disk.purge_intended = n - 40
+            q.purge(n - 40)
+            disk.purge_returned = n - 40
     disk.armed = False
     with open(os.path.join(outdir, "boundaries.json"), "w") as f:
         json.dump(disk.boundaries, f)
+    with open(os.path.join(outdir, "truncations.json"), "w") as f:
+        json.dump(disk.truncations, f)
     q.close()

@@ -153,3 +153,38 @@ def test_many_async_consumers_share_one_wakeup_thread(qpath):
     got, extra_threads = asyncio.run(main())
     assert got == [(1, "all")] * 50
     assert extra_threads <= 1  # at most the process's wake-up thread
+
+
+ASYNC_POLL_CONSUMER = """
+import asyncio, sys
+from stagger_sqlite import StaggerQueue, wakeup
+
+async def main():
+    assert wakeup.mechanism() == "poll"
+    with StaggerQueue(sys.argv[1]) as q:
+        print("ready", flush=True)
+        got = []
+        async for seq, msg in q.aconsume(wait=60):
+            got.append(msg)
+            if len(got) == 3:
+                break
+        print(got, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_aconsume_with_the_poll_fallback(qpath):
+    import os
+
+    StaggerQueue(qpath).close()
+    p = subprocess.Popen([sys.executable, "-c", ASYNC_POLL_CONSUMER, qpath], text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, STAGGER_SQLITE_WAKEUP="poll"))
+    assert p.stdout.readline().strip() == "ready"
+    with StaggerQueue(qpath) as q:
+        q.write_many(["a", "b"])
+        q.write("c")
+    out, err = p.communicate(timeout=DEADLINE)
+    assert p.returncode == 0, err
+    assert out.strip() == "['a', 'b', 'c']"

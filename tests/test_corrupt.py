@@ -129,15 +129,39 @@ def test_damaged_pages_give_a_clear_error_never_a_hang(tmp_path):
     pristine = str(tmp_path / "pristine.db")
     pages, size = make_queue(pristine)
     outcomes = {}
+    flagged = 0
     variants = damage_variants(pages, size, rnd)
     for i, (name, damage) in enumerate(variants):
         path = str(tmp_path / f"d{i}.db")
         with open(pristine, "rb") as src, open(path, "wb") as dst:
             dst.write(src.read())
         damage(path)
+        check = run_check(path)  # before anything else opens (and perhaps repairs) it
         out = run_damaged(path)
         outcomes[name] = out.get("error", "read")
-    figure("damaged files", seed=seed, files_tried=len(variants), outcomes=sorted(set(outcomes.values())))
+        if "error" in out:
+            assert check.returncode != 0, f"{name}: unreadable, yet `check` says ok"
+        flagged += check.returncode != 0
+    figure(
+        "damaged files",
+        seed=seed,
+        files_tried=len(variants),
+        outcomes=sorted(set(outcomes.values())),
+        flagged_by_check=flagged,
+    )
+
+
+def run_check(path):
+    """``stagger-sqlite check`` on a damaged file: a verdict within a deadline,
+    errors as lines on stderr, never a traceback."""
+    try:
+        r = subprocess.run([sys.executable, "-m", "stagger_sqlite", "check", path], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`check` hung on {path}")
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0 or r.stderr.strip(), "a failing check must say why"
+    return r
 
 
 def test_damaged_wal_tail(tmp_path):

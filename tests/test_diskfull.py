@@ -133,3 +133,33 @@ def test_lock_file_on_full_disk_does_not_fail_a_commit(small_fs):
         q.write({"first": 1})
         written, _ = fill_until_full(q, rnd_size=200)
         assert q.last_seq == written[-1]
+
+
+def test_group_member_on_a_full_disk(small_fs):
+    """A group member needs to write (claims, acks): on a full disk it gets
+    StorageFullError, loses nothing, and goes on once space is freed."""
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * 600_000)
+    path = str(small_fs / "q.db")
+    with StaggerQueue(path) as q:
+        written, _ = fill_until_full(q)
+        got = []
+        try:
+            with q.consume(group="g", wait=False, batch=10) as c:
+                for seq, _ in c:
+                    got.append(seq)
+        except StorageFullError as e:
+            assert path in str(e)
+            full_hit = True
+        else:
+            full_hit = False
+        first_pass = len(got)
+        filler.unlink()
+        with q.consume(group="g", wait=False, batch=10) as c:
+            for seq, _ in c:
+                got.append(seq)
+        assert sorted(set(got)) == written
+        info = q.groups()["g"]
+        assert info.acked == written[-1] and info.in_flight == 0
+    assert integrity(path) == [("ok",)]
+    figure("group member on a full disk", storage_full_raised=full_hit, handed_out_while_full=first_pass, lost=0)

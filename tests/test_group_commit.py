@@ -8,6 +8,7 @@ take it) while the threads queue up behind it.
 
 import subprocess
 import sys
+import textwrap
 import threading
 
 import filelock
@@ -212,3 +213,39 @@ def test_a_failed_shared_transaction_fails_every_writer_in_it(qpath):
         q._storage.read(lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchall())
         seq = q.write({"after": "room"})
         assert stored(q)[seq] == {"after": "room"}
+
+
+def performance_blocks():
+    """The ``.. code-block:: python`` examples of README's Performance section
+    (they sit inside list items, so they are dedented by their own indent)."""
+    from .test_readme import README, sections
+
+    with open(README) as f:
+        lines = sections(f.read())["Performance"].splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        if line.strip() == ".. code-block:: python":
+            indent = len(line) - len(line.lstrip())
+            block = []
+            for body in lines[i + 1:]:
+                if body.strip() and len(body) - len(body.lstrip()) <= indent:
+                    break
+                block.append(body)
+            blocks.append(textwrap.dedent("\n".join(block)))
+    return blocks
+
+
+def test_the_readme_performance_examples_work_when_pasted(tmp_path, monkeypatch):
+    blocks = performance_blocks()
+    assert blocks, "the Performance section shows group commit in code"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.rst (Performance)", "exec"), {"__name__": "__readme__"})
+
+
+def test_a_write_inside_a_write_is_refused_not_deadlocked(qpath):
+    with StaggerQueue(qpath) as q:
+        with pytest.raises(RuntimeError, match="cannot start another write"):
+            q._storage.write(lambda conn: q.write({"nested": True}))
+        assert len(q) == 0
+        assert q.write({"after": True}) == 1

@@ -89,7 +89,9 @@ def test_new_group_start_point_and_ack_ignored_for_existing_group(q):
     with pytest.raises(AckOutOfRangeError):
         q.consume(group="beyond", ack=16)
     assert "beyond" not in q.groups()
-    q.consume(group="late", ack=1000).close()  # existing group: no check either
+    with pytest.raises(AckOutOfRangeError):
+        q.consume(group="late", ack=1000)  # existing group: ack ignored, but still range-checked (SPEC §3)
+    q.consume(group="late", ack=3).close()
 
 
 def test_bad_arguments(q):

@@ -180,6 +180,8 @@ def test_foreign_write_transaction_gives_lock_timeout(qpath):
                 with pytest.raises(LockTimeoutError) as e:
                     attempt()
                 assert qpath in str(e.value)
+                # Not even as text: what users see is our error, not SQLite's.
+                assert "database is locked" not in str(e.value)
             waited = time.monotonic() - t0
             assert waited >= 3 * 0.9, "a write gave up before its timeout"
             # Readers are not blocked by a writer (WAL).
@@ -225,3 +227,49 @@ def test_files_created_with_mode(tmp_path, mode):
         os.umask(old)
     assert modes == {os.path.basename(p): mode for p in files}, modes
     figure(f"file modes {mode:o}", **{k: oct(v) for k, v in modes.items()})
+
+
+SPECIAL_PROBE = """
+import sys
+from stagger_sqlite import NotAQueueError, StaggerQueue
+try:
+    StaggerQueue(sys.argv[1])
+except NotAQueueError as e:
+    print("refused:", e)
+else:
+    print("opened")
+"""
+
+
+@pytest.mark.parametrize("kind", ["null device", "fifo", "socket"])
+def test_special_files_are_refused_and_left_alone(tmp_path, kind):
+    """A device node, FIFO or socket is never a queue: refused at once (a FIFO
+    must not hang the open), and never replaced by one. (Found when an empty
+    device, /dev/null, was taken for a missing file and renamed over.)"""
+    import socket
+
+    path = str(tmp_path / "special")
+    keep = None
+    if kind == "null device":
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("cannot make a device node here")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        keep = socket.socket(socket.AF_UNIX)
+        keep.bind(path)
+    before = os.stat(path)
+    try:
+        r = subprocess.run([sys.executable, "-c", SPECIAL_PROBE, path], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"opening a {kind} hung")
+    finally:
+        if keep is not None:
+            keep.close()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("refused:") and path in r.stdout, r.stdout
+    after = os.stat(path)
+    assert (after.st_ino, stat.S_IFMT(after.st_mode)) == (before.st_ino, stat.S_IFMT(before.st_mode))
+    assert sorted(os.listdir(tmp_path)) == ["special"], "files were created beside it"

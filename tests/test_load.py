@@ -13,7 +13,19 @@ import time
 
 from stagger_sqlite import StaggerQueue
 from tests.faults import check_history, figure, kill9, p99, read_logs, read_member_logs, spawn, torture_seconds
-from tests.helpers import wait_for
+
+
+def wait_progress(figure_fn, done_fn, stall=60.0, message="progress"):
+    """Wait until ``done_fn()``, failing only when ``figure_fn()`` has not
+    changed for ``stall`` seconds: the work to drain grows with the run."""
+    last, deadline = None, time.monotonic() + stall
+    while not done_fn():
+        now_figure = figure_fn()
+        if now_figure != last:
+            last, deadline = now_figure, time.monotonic() + stall
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no progress for {stall:g} s: {message} ({now_figure})")
+        time.sleep(0.05)
 
 
 def log_lines(path):
@@ -44,13 +56,14 @@ def test_8_producers_8_consumers(tmp_path):
             assert p.wait(duration + 120) == 0
         with StaggerQueue(path) as q:
             last = q.last_seq
-            wait_for(lambda: all(len(log_lines(r)) >= last for r in rlogs), timeout=120, message="readers caught up")
+            counts = lambda: [len(log_lines(r)) for r in rlogs]  # noqa: E731
+            wait_progress(counts, lambda: min(counts()) >= last, message=f"readers catching up with {last}")
 
             def group_done():
                 info = q.groups()["load"]
                 return info.acked == last and info.in_flight == 0 and info.retrying == 0
 
-            wait_for(group_done, timeout=120, message="the group finished everything")
+            wait_progress(lambda: q.groups()["load"], group_done, message=f"the group finishing {last}")
             drained = time.time()
     finally:
         for p in producers + consumers:

@@ -58,15 +58,15 @@ def open_image(path):
     return rows, last
 
 
-@pytest.mark.parametrize("durability", ["full", "normal"])
-def test_power_cut_images(tmp_path, durability):
+@pytest.mark.parametrize("durability,purge_p", [("full", 0.0), ("normal", 0.0), ("full", 0.05)])
+def test_power_cut_images(tmp_path, durability, purge_p):
     path = str(tmp_path / "q.db")
     StaggerQueue(path).close()
     images = tmp_path / "images"
     images.mkdir()
     seed = random.randrange(2**32)
-    calls = scaled(300, 3000)
-    proc = spawn_powercut(path, str(images), durability, calls, seed)
+    calls = scaled(1000, 5000) if purge_p else scaled(300, 3000)
+    proc = spawn_powercut(path, str(images), durability, calls, seed, purge_p)
     assert proc.wait(300) == 0
 
     with open(images / "boundaries.json") as f:
@@ -77,13 +77,19 @@ def test_power_cut_images(tmp_path, durability):
         manifest = [json.loads(line) for line in f]
     for entry in manifest:
         rows, last = open_image(os.path.join(entry["image"], "q.db"))
-        k = len(rows)
-        # A prefix of the history, whole messages and whole batches only.
-        assert [s for s, _ in rows] == list(range(1, k + 1)), entry
+        # A prefix of the history, whole messages and whole batches only
+        # (less what a purge removed: never more than it was asked to).
+        first = rows[0][0] if rows else 1
+        k = rows[-1][0] if rows else entry["purge_intended"]
+        assert [s for s, _ in rows] == list(range(first, k + 1)), entry
         for seq, msg in rows:
             assert check_payload(seq, msg) == f"w.{seq - 1}"
         assert k in boundaries, f"{entry}: {k} messages is not a whole number of write calls"
+        assert first - 1 <= entry["purge_intended"], f"{entry}: more was purged than asked"
+        assert first - 1 <= entry["purge_returned"] or first - 1 == entry["purge_intended"], entry
         lost = max(0, entry["returned"] - k)
+        if durability == "full" and rows:
+            assert first - 1 >= entry["purge_returned"], f"{entry}: a purge that returned was undone"
         if durability == "full":
             assert lost == 0, f"{entry}: a write that returned was lost with durability='full'"
             assert last >= entry["returned"]
@@ -95,17 +101,18 @@ def test_power_cut_images(tmp_path, durability):
         # checkpoint (a cut keeping only what was fsynced loses them).
         assert lost_images > 0
     figure(
-        f"power-cut images ({durability})",
+        f"power-cut images ({durability}{', with purges' if purge_p else ''})",
         seed=seed,
         write_calls=calls,
         images_checked=checked,
         images_losing_returned_writes=lost_images,
         most_returned_messages_lost=lost_max,
+        file_truncations=json.load(open(images / "truncations.json")),
     )
     assert checked >= 5
 
 
-def spawn_powercut(path, outdir, durability, calls, seed):
+def spawn_powercut(path, outdir, durability, calls, seed, purge_p):
     import subprocess
     import sys
 
@@ -113,7 +120,7 @@ def spawn_powercut(path, outdir, durability, calls, seed):
 
     code = (
         "from tests.powercut import writer; "
-        f"writer({path!r}, {outdir!r}, {durability!r}, {calls}, {seed}, 0.02)"
+        f"writer({path!r}, {outdir!r}, {durability!r}, {calls}, {seed}, 0.02, {purge_p})"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
 
@@ -151,7 +158,7 @@ def test_sigstop_copies_and_torn_wals(tmp_path):
     deadline = time.monotonic() + duration
     try:
         while time.monotonic() < deadline:
-            time.sleep(rnd.uniform(0.2, 0.6))
+            time.sleep(rnd.uniform(0.5, 1.5) * duration / 10)  # about 10 copies per run
             for p in procs:
                 os.kill(p.pid, signal.SIGSTOP)
             try:
@@ -181,7 +188,7 @@ def test_sigstop_copies_and_torn_wals(tmp_path):
         variants = [("as-copied", None)]
         wal = out / "q.db-wal"
         size = os.path.getsize(wal) if wal.exists() else 0
-        for _ in range(scaled(2, 10)):
+        for _ in range(scaled(2, 5)):
             if size > floor:
                 variants.append(("cut", rnd.randint(floor, size)))
                 variants.append(("junk", rnd.randint(max(floor, WAL_HEADER), size)))

@@ -10,7 +10,6 @@ import pytest
 
 from stagger_sqlite import StaggerQueue
 
-from .helpers import wait_for
 
 DEADLINE = 60
 

@@ -241,3 +241,56 @@ def test_consumer_made_before_fork_waits_in_the_child(qpath):
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
     q.close()
+
+
+def test_a_waiter_collected_while_its_hub_is_locked_does_not_deadlock(qpath):
+    # A GC pass may finalize a forgotten consumer (and its Waiter) in any
+    # thread at any allocation, including the hub thread while it holds its
+    # lock; giving the watch back must not need that lock.
+    import gc
+
+    from stagger_sqlite import wakeup
+
+    with StaggerQueue(qpath) as q:
+        w = Waiter(q._storage)
+        hub = wakeup._HUB
+        if hub is None:
+            pytest.skip("no inotify here")
+        cycle = [w]
+        cycle.append(cycle)
+        del w, cycle
+        done = threading.Event()
+
+        def collect_under_lock():
+            with hub.lock:
+                gc.collect()
+            done.set()
+
+        threading.Thread(target=collect_under_lock, daemon=True).start()
+        assert done.wait(DEADLINE), "finalizer deadlocked on the hub lock"
+        q.write("still works")
+        assert list(q.consume(wait=False)) == [(1, "still works")]
+
+
+def test_close_while_a_consumer_is_busy_reading_ends_it_quietly(tmp_path):
+    # Not only a consumer asleep in its wait: one caught between a read and
+    # the next must also just stop, never raise QueueClosedError.
+    for i in range(10):
+        q = StaggerQueue(str(tmp_path / f"q{i}.db"))
+        q.write_many(range(200))
+        errors = []
+        got = []
+
+        def run():
+            try:
+                for seq, msg in q.consume(batch=1, wait=True):
+                    got.append(seq)
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        wait_for(lambda: len(got) > i * 10, DEADLINE, message="consumer reading")
+        q.close()
+        t.join(DEADLINE)
+        assert not t.is_alive() and errors == []
