@@ -87,7 +87,6 @@ def parse_json(text: str, where: str) -> Any:
 def cmd_info(args: argparse.Namespace) -> int:
     with open_queue(args.path) as q:
         stats = q.stats()
-        paused = {g for g in stats.get("groups", {}) if control.is_paused(q, g)}
     if args.json:
         emit(dumps(stats))
         return 0
@@ -103,7 +102,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         emit(f"{'group':<{width}} " + " ".join(f"{c:>9}" for c in cols))
         for name, g in sorted(groups.items()):
             row = " ".join(f"{g.get(c, ''):>9}" for c in cols)
-            emit(f"{name:<{width}} {row}" + ("  (paused)" if name in paused else ""))
+            emit(f"{name:<{width}} {row}" + ("  (paused)" if g.get("paused") else ""))
     return 0
 
 
@@ -213,13 +212,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with open_queue(args.path) as q:
-        control.pause(q, args.group)
+        q.pause(args.group)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     with open_queue(args.path) as q:
-        control.resume(q, args.group)
+        q.resume(args.group)
+    return 0
+
+
+def cmd_drop_group(args: argparse.Namespace) -> int:
+    with open_queue(args.path) as q:
+        if not q.drop_group(args.group):
+            raise UserError(f"{args.path}: no group {args.group!r}")
     return 0
 
 
@@ -377,9 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("check", cmd_check, "check the file's integrity and the queue's invariants", f"{PROG} check jobs.db")
 
-    p = command("pause", cmd_pause, "stop hand-outs to every worker of a group", f"{PROG} pause jobs.db --group mailer")
+    p = command("pause", cmd_pause, "stop hand-outs to every member of a group", f"{PROG} pause jobs.db --group mailer")
     group(p)
-    p = command("resume", cmd_resume, "let the workers of a paused group go on", f"{PROG} resume jobs.db --group mailer")
+    p = command("resume", cmd_resume, "let the members of a paused group go on", f"{PROG} resume jobs.db --group mailer")
+    group(p)
+    p = command("drop-group", cmd_drop_group, "delete a group, its deliveries and dead letters (purge stops waiting for it)",
+                f"{PROG} drop-group jobs.db --group old-mailer")
     group(p)
 
     p = command("work", cmd_work, "run a handler over a group in a pool of worker processes",

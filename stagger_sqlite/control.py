@@ -3,8 +3,9 @@
 Both live in the ``settings`` table, so every process and every pool working
 a group sees the same state, with no daemon to run:
 
-- ``paused:<group>``: present while the group is paused. Workers check it
-  before each hand-out and take nothing while it is set.
+- ``paused:<group>``: present while the group is paused
+  (``StaggerQueue.pause``). Every claim reads it in its own transaction
+  (``groups.GroupConsumer``) and hands out nothing while it is set.
 - ``rate:<group>``: the earliest time (epoch seconds) of the next hand-out
   (the "theoretical arrival time" of a GCRA limiter).
 
@@ -15,12 +16,8 @@ claim's own write transaction, so it holds across every process.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Tuple
-
-if TYPE_CHECKING:
-    from .queue import StaggerQueue
+from typing import Tuple
 
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
@@ -55,36 +52,19 @@ def parse_rate(text: str) -> Rate:
     return Rate(int(m.group(1)), _UNITS[m.group(2)])
 
 
-def _key(kind: str, group: str) -> str:
+def key(kind: str, group: str) -> str:
+    """The ``settings`` key of ``kind`` (``"paused"``, ``"rate"``) for ``group``."""
     return f"{kind}:{group}"
 
 
-def _get(conn, key: str):
+def get(conn, key: str):
+    """The ``settings`` value of ``key``, or None."""
     rows = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchall()
     return rows[0][0] if rows else None
 
 
-def _put(conn, key: str, value) -> None:
+def put(conn, key: str, value) -> None:
     conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
-
-
-# -- pause -----------------------------------------------------------------
-
-
-def pause(q: "StaggerQueue", group: str) -> None:
-    """Pause ``group``: every worker of it stops taking messages (what is in
-    hand is finished). Idempotent; survives restarts until ``resume``."""
-    q._storage.write(lambda conn: _put(conn, _key("paused", group), time.time()))
-
-
-def resume(q: "StaggerQueue", group: str) -> None:
-    """Let the workers of ``group`` take messages again. Idempotent."""
-    q._storage.write(lambda conn: conn.execute("DELETE FROM settings WHERE key = ?", (_key("paused", group),)))
-
-
-def is_paused(q: "StaggerQueue", group: str) -> bool:
-    """True while ``group`` is paused."""
-    return q._storage.read(lambda conn: _get(conn, _key("paused", group))) is not None
 
 
 # -- rate ------------------------------------------------------------------
@@ -104,14 +84,13 @@ class RateLimiter:
     """
 
     def __init__(self, group: str, rate: Rate) -> None:
-        self.key = _key("rate", group)
+        self.key = key("rate", group)
         self.rate = rate
         self._most = rate.count
 
     def allow(self, conn, now: float, want: int) -> Tuple[int, float]:
         """``(n, due)``: claim at most ``n`` messages now (0: none before ``due``)."""
-        due = _get(conn, self.key)
-        due = 0.0 if due is None else float(due)
+        due = self.next_due(conn)
         if now < due:
             return 0, due
         n = 1 + int((now - due) / self.rate.interval)
@@ -119,9 +98,9 @@ class RateLimiter:
 
     def spend(self, conn, now: float, n: int) -> None:
         """Record ``n`` hand-outs made at ``now``."""
-        _put(conn, self.key, now + n * self.rate.interval)
+        put(conn, self.key, now + n * self.rate.interval)
 
-    def due(self, q: "StaggerQueue") -> float:
-        """Seconds until the next hand-out may be due (0: now)."""
-        due = q._storage.read(lambda conn: _get(conn, self.key))
-        return 0.0 if due is None else max(0.0, float(due) - time.time())
+    def next_due(self, conn) -> float:
+        """Epoch seconds of the group's next allowed hand-out (a read)."""
+        due = get(conn, self.key)
+        return 0.0 if due is None else float(due)

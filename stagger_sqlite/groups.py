@@ -30,11 +30,30 @@ its worker is the one whose lone deliveries keep expiring, and it reaches
 ``max_attempts`` while the innocent ones finish on their lone delivery. A
 message is never dead-lettered on the strength of a batch expiry alone.
 
+Batch hand-out (``next_batch``, for handlers that take a list): the whole
+claim is handed out, and so started, at once, and finished together when the
+next list is asked for. The crash rule above needs no change: a list handed
+out together counts one attempt for each of its unfinished messages if its
+lease expires (any of them may have killed the member), and they then come
+back alone, one per claim, so only the killer reaches ``max_attempts``.
+
 Leases: a claim's rows share a token and a lease deadline. A member renews
 the deadline of what it still holds (and checks it still holds it) at a
 hand-out once a tenth of the lease has passed since the claim or the last
 renewal, so a message is redelivered once held for between 0.9 x lease and
 lease seconds, however long the batch took.
+
+Pause (``StaggerQueue.pause``): the flag is a ``settings`` row, read by every
+claim and every renewal in their own transaction, so every member of every
+process honours it: a paused claim hands out nothing (the member waits, or
+stops with ``wait=False``), and a renewal that finds the group paused
+releases the claimed, unstarted rest. What is in hand is finished normally.
+
+Drop (``drop_group``): deletes the group's rows. A member of a dropped group
+finds its group row gone at its next claim or renewal and ends (it never
+creates the group again; only ``consume`` does). Claim tokens of a group
+created again start above every dropped group's (``settings`` row
+``token-floor``), so an old member's late ack cannot match a new row.
 """
 
 from __future__ import annotations
@@ -47,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Se
 
 import apsw
 
+from . import control
 from .errors import AckOutOfRangeError, DecodeError, QueueClosedError, StaggerError
 from .validate import check_int, check_seconds, check_wait
 from .wakeup import Waiter
@@ -67,7 +87,9 @@ RENEW_SHARE = 0.1
 CLAIMED, CLAIMED_ALONE, WAITING, WAITING_ALONE = 0, 1, 2, 3
 
 SQL_GROUP = "SELECT cursor, token FROM groups WHERE name = ?"
-SQL_CREATE = "INSERT OR IGNORE INTO groups (name, cursor, token, created) VALUES (?, ?, 0, ?)"
+SQL_CREATE = "INSERT OR IGNORE INTO groups (name, cursor, token, created) VALUES (?, ?, ?, ?)"
+SQL_PAUSED = "SELECT 1 FROM settings WHERE key = ?"
+TOKEN_FLOOR = "token-floor"  # settings key: claim tokens of a new group start above it
 SQL_SET_GROUP = "UPDATE groups SET cursor = ?, token = ? WHERE name = ?"
 SQL_FINISH = "DELETE FROM deliveries WHERE grp = ? AND seq = ? AND token = ? AND state < 2"
 SQL_DUE = """SELECT d.seq, d.state, d.attempts, d.error, coalesce(d.body, m.body)
@@ -107,6 +129,7 @@ class GroupInfo:
         dead: dead letters of the group.
         delivered: every message with seq <= delivered was handed out at
             least once.
+        paused: the group is paused (``StaggerQueue.pause``).
     """
 
     acked: int
@@ -115,6 +138,7 @@ class GroupInfo:
     lag: int
     dead: int
     delivered: int
+    paused: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +219,80 @@ def group_figures(conn: apsw.Connection) -> Dict[str, GroupInfo]:
             lag=last - acked,
             dead=dead,
             delivered=cursor,
+            paused=is_paused(conn, name),
         )
     return result
+
+
+def is_paused(conn: apsw.Connection, group: str) -> bool:
+    return bool(conn.execute(SQL_PAUSED, (control.key("paused", group),)).fetchall())
+
+
+def create_group(queue: "StaggerQueue", group: str, ack: int = 0) -> None:
+    """Create ``group`` starting after seq ``ack``, unless it exists (then
+    ``ack`` is ignored).
+
+    Raises:
+        AckOutOfRangeError: a new group's ``ack`` is beyond ``last_seq``.
+    """
+
+    def create(conn: apsw.Connection) -> None:
+        if conn.execute(SQL_GROUP, (group,)).fetchall():
+            return  # an existing group: its own position wins, `ack` is ignored
+        last = _last_seq(conn)
+        if ack > last:
+            raise AckOutOfRangeError(
+                f"ack={ack} is beyond the last seqno ever written to {queue.path} ({last}): "
+                "that message was never written"
+            )
+        floor = control.get(conn, TOKEN_FLOOR) or 0
+        conn.execute(SQL_CREATE, (group, ack, floor, time.time()))
+
+    storage = queue._storage
+    if not storage.read(lambda conn: bool(conn.execute(SQL_GROUP, (group,)).fetchall())):
+        storage.write(create, notify=False)
+
+
+def set_paused(queue: "StaggerQueue", group: str, paused: bool) -> None:
+    """Set or clear ``group``'s pause flag (the group need not exist yet).
+    Clearing it rings, so waiting members wake and claim at once."""
+    check_group(group)
+    key = control.key("paused", group)
+
+    def change(conn: apsw.Connection) -> None:
+        if paused:
+            control.put(conn, key, time.time())
+        else:
+            conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+
+    queue._storage.write(change, notify=not paused)
+
+
+def drop_group(queue: "StaggerQueue", group: str) -> bool:
+    """Delete ``group``: its row, its deliveries, its dead letters, its pause
+    flag and rate-limit state. Returns whether the group existed.
+
+    Its live members end at their next claim or renewal; their acks and nacks
+    return False (see the module docstring)."""
+    check_group(group)
+
+    def drop(conn: apsw.Connection) -> bool:
+        row = conn.execute(SQL_GROUP, (group,)).fetchall()
+        conn.execute("DELETE FROM deliveries WHERE grp = ?", (group,))
+        conn.execute("DELETE FROM dead_letters WHERE grp = ?", (group,))
+        conn.execute(
+            "DELETE FROM settings WHERE key IN (?, ?)", (control.key("paused", group), control.key("rate", group))
+        )
+        if not row:
+            return False
+        token = row[0][1]
+        if token > (control.get(conn, TOKEN_FLOOR) or 0):
+            control.put(conn, TOKEN_FLOOR, token)
+        conn.execute("DELETE FROM groups WHERE name = ?", (group,))
+        return True
+
+    # The ring wakes the group's waiting members, so they see it and end.
+    return queue._storage.write(drop)
 
 
 def dead_letters(queue: "StaggerQueue", group: str) -> List[DeadLetter]:
@@ -263,9 +359,10 @@ class GroupConsumer:
     (its ``__exit__`` sees an exception of the loop body). One member belongs
     to one thread; any number of members, in any processes, compete.
 
-    A message is finished when the next one is asked for, at a normal close,
-    or by ``ack``; ``nack`` sends it back for a later delivery. See the module
-    docstring for leases and attempts.
+    A message is finished when the next one (or the next list, with
+    ``next_batch``) is asked for, at a normal close, or by ``ack``; ``nack``
+    sends it back for a later delivery. See the module docstring for leases,
+    attempts, pause and drop.
 
     Memory follows the file: every write transaction returns what it did, and
     the member's own state changes only once it committed.
@@ -300,8 +397,9 @@ class GroupConsumer:
         self._rows: Deque[Tuple[int, bytes]] = collections.deque()
         self._token = 0  # of the claim in self._rows
         self._renew_at = 0.0
-        self._in_hand: Optional[int] = None
-        self._in_hand_token = 0
+        #: Handed out, not finished yet: ``(seq, claim token)``; the message
+        #: from ``next()``, or the list from ``next_batch()``.
+        self._hand: List[Tuple[int, int]] = []
         self._done: List[Tuple[str, int, int]] = []  # finished locally, to delete at the next write
         self._idle = False  # the last claim found nothing: look before taking the writer lock
         self._idle_deadline: Optional[float] = None  # on self: under asyncio __next__ is re-entered
@@ -309,30 +407,23 @@ class GroupConsumer:
         #: ``allow(conn, now, want) -> (n, due)`` caps a claim at ``n`` messages
         #: (0: claim nothing, wait until ``due``); ``spend(conn, now, n)``
         #: records ``n`` hand-outs. Both run inside the claim's transaction.
+        #: ``next_due(conn)``: the time of the next allowed hand-out, read by
+        #: an idle member before it takes the writer lock.
         self.claim_limit: Any = None
         self._closed = False
+        self._dropped = False
         self._entered = False
         # Before the first claim (the Waiter protocol): no ring is missed.
         self._waiter = Waiter(self._storage)
-        self._create(ack)
+        create_group(queue, self.group, ack)
         if purge is not None:
             queue.purge(purge)
 
-    def _create(self, ack: int) -> None:
-        def create(conn: apsw.Connection) -> None:
-            if conn.execute(SQL_GROUP, (self.group,)).fetchall():
-                return  # an existing group: its own position wins, `ack` is ignored
-            last = _last_seq(conn)
-            if ack > last:
-                raise AckOutOfRangeError(
-                    f"ack={ack} is beyond the last seqno ever written to {self._queue.path} ({last}): "
-                    "that message was never written"
-                )
-            conn.execute(SQL_CREATE, (self.group, ack, time.time()))
-
-        exists = self._storage.read(lambda conn: bool(conn.execute(SQL_GROUP, (self.group,)).fetchall()))
-        if not exists:
-            self._storage.write(create, notify=False)
+    @property
+    def dropped(self) -> bool:
+        """True once this member found its group dropped
+        (``StaggerQueue.drop_group``): it hands out nothing more."""
+        return self._dropped
 
     # -- iteration -------------------------------------------------------
 
@@ -362,15 +453,15 @@ class GroupConsumer:
             raise
 
     def __next__(self) -> Tuple[int, Any]:
-        """Finish the message in hand, then return the next ``(seq, msg)``.
+        """Finish the message(s) in hand, then return the next ``(seq, msg)``.
 
         Raises:
-            StopIteration: closed, queue closed, nothing claimable with
-                ``wait=False``, or ``wait`` seconds without anything claimable.
+            StopIteration: closed, queue closed, group dropped, nothing
+                claimable with ``wait=False``, or ``wait`` seconds without
+                anything claimable (a later call waits again).
         """
-        if self._in_hand is not None:
-            self._done.append((self.group, self._in_hand, self._in_hand_token))
-            self._in_hand = None
+        if self._hand:
+            self._finish_hand()
         # Fast path, a claimed message in memory and no lease renewal due:
         # this runs once per message, so it skips the layers below.
         rows = self._rows
@@ -381,28 +472,95 @@ class GroupConsumer:
             except Exception:
                 rows.appendleft((seq, body))  # the slow path dead-letters it
             else:
-                self._in_hand, self._in_hand_token = seq, self._token
+                self._hand = [(seq, self._token)]
                 return seq, msg
         while True:
-            if self._closed or self._storage.closed:
+            self._fill(self._batch)
+            seq, body = self._rows.popleft()
+            token = self._token
+            try:
+                msg = self._queue.decode(body, seq)
+            except DecodeError as e:
+                error = str(e)
+                self._safely(lambda: self._bury_undecodable(seq, token, error))
+                continue
+            self._hand = [(seq, token)]
+            return seq, msg
+
+    def next_batch(self, n: Optional[int] = None) -> List[Tuple[int, Any]]:
+        """Finish the message(s) in hand, then hand out the next list of up
+        to ``n`` messages (default: the consumer's ``batch``) at once.
+
+        For handlers that take a list: one write transaction per list claims
+        it and finishes the previous one. Every message of the list is in
+        hand (started) until the next ``next_batch()`` or ``next()``, a
+        normal close or the end of the ``with`` block finishes it; ``ack`` and
+        ``nack`` act on one seq, ``nack_all`` on every one left; an exception
+        leaving the ``with`` block nacks them all. If the member dies, each
+        unfinished message of the list counts one attempt and comes back
+        alone (see the module docstring). Waits as ``next()`` does, and
+        returns what is claimable as soon as something is: a list may be
+        shorter than ``n`` (a redelivery after a crash comes alone).
+
+        Returns:
+            ``[(seq, msg), ...]`` in hand-out order; ``[]`` where iteration
+            would stop (closed, queue closed, group dropped, nothing
+            claimable with ``wait=False``, ``wait`` seconds idle).
+
+        Raises:
+            ValueError: ``n`` is not an integer >= 1.
+        """
+        want = self._batch if n is None else check_int("n", n, 1)
+        if self._hand:
+            self._finish_hand()
+        out: List[Tuple[int, Any]] = []
+        while not out:
+            try:
+                self._fill(want)
+            except StopIteration:
+                return []
+            token = self._token
+            while self._rows and len(out) < want:
+                seq, body = self._rows.popleft()
+                try:
+                    out.append((seq, self._queue.decode(body, seq)))
+                except DecodeError as e:
+                    error = str(e)
+                    try:
+                        self._safely(lambda: self._bury_undecodable(seq, token, error))
+                    except StopIteration:
+                        return []
+        self._hand = [(seq, token) for seq, _ in out]
+        return out
+
+    def _finish_hand(self) -> None:
+        """The messages in hand are finished: delete them at the next write."""
+        group = self.group
+        self._done.extend([(group, seq, token) for seq, token in self._hand])
+        self._hand = []
+
+    def _fill(self, want: int) -> None:
+        """Return once claimed rows wait in ``self._rows`` (their lease
+        renewed if due), claiming up to ``want`` and waiting as ``wait`` says.
+
+        Raises:
+            StopIteration: as ``__next__``.
+        """
+        while True:
+            if self._closed or self._dropped or self._storage.closed:
                 raise StopIteration
             if self._rows:
                 if time.time() >= self._renew_at:
                     self._safely(self._renew)
                     continue
-                seq, body = self._rows.popleft()
-                try:
-                    msg = self._queue.decode(body, seq)
-                except DecodeError as e:
-                    self._safely(lambda: self._bury_undecodable(seq, self._token, str(e)))
-                    continue
-                self._in_hand, self._in_hand_token = seq, self._token
-                return seq, msg
-            next_ready = self._safely(self._claim)
+                return
+            next_ready = self._safely(lambda: self._claim(want))
             if self._rows:
                 self._idle_deadline = None
                 self._waiter.reset()
                 continue
+            if self._dropped:
+                raise StopIteration
             # Nothing claimable. Scheduled messages that are due become
             # messages now (no daemon does it).
             until_due = self._safely(self._queue._until_due)
@@ -418,6 +576,7 @@ class GroupConsumer:
                     self._idle_deadline = time.monotonic() + self._wait
                 timeout = self._idle_deadline - time.monotonic()
                 if timeout <= 0:
+                    self._idle_deadline = None  # a later call waits `wait` seconds again
                     raise StopIteration
             for until in (
                 # A redelivery (expired lease, retry) falls due then: wake for
@@ -450,9 +609,10 @@ class GroupConsumer:
 
     # -- the write transactions (they touch the file only) ---------------
 
-    def _claim(self) -> Optional[float]:
-        """Finish what is done, claim the next batch into self._rows.
-        Returns, when nothing was claimed, when the next delivery falls due."""
+    def _claim(self, want: int) -> Optional[float]:
+        """Finish what is done, claim up to ``want`` messages into self._rows.
+        Returns, when nothing was claimed, when the next delivery falls due.
+        Sets ``self._dropped`` when the group is gone."""
         if self._idle and not self._done:
             # Nothing was claimable last time: look (a read) before queuing
             # for the writer lock, so idle members cost writers nothing.
@@ -462,8 +622,12 @@ class GroupConsumer:
                 return ready
         # Every row this member still holds is in self._done now (nothing in
         # hand, nothing unhanded), so the claim may delete them by token range.
-        whole = not self._rows and self._in_hand is None
-        rows, token, ready = self._write(lambda conn, done: self._claim_tx(conn, done, whole))
+        whole = not self._rows and not self._hand
+        claimed = self._write(lambda conn, done: self._claim_tx(conn, done, whole, want))
+        if claimed is None:
+            self._dropped = True
+            return None
+        rows, token, ready = claimed
         self._idle = not rows
         if rows:
             self._rows.extend(rows)
@@ -474,15 +638,25 @@ class GroupConsumer:
     def _lookup(self, conn: apsw.Connection, now: float) -> Tuple[bool, Optional[float]]:
         """(something may be claimable, when the next delivery falls due)."""
         row = conn.execute(SQL_GROUP, (self.group,)).fetchall()
-        if not row or _last_seq(conn) > row[0][0]:
+        if not row:
+            return True, None  # dropped: the claim finds out and ends the member
+        if is_paused(conn, self.group):
+            return False, None  # resume rings
+        if self.claim_limit is not None:
+            due = self.claim_limit.next_due(conn)
+            if due > now:
+                return False, due
+        if _last_seq(conn) > row[0][0]:
             return True, None
         ready = conn.execute(SQL_NEXT_READY, (self.group,)).fetchall()[0][0]
         return (ready is not None and ready <= now), ready
 
     def _claim_tx(
-        self, conn: apsw.Connection, done: List[Tuple[str, int, int]], whole: bool = False
-    ) -> Tuple[List[Tuple[int, bytes]], int, Optional[float]]:
-        """One transaction: delete the finished, sweep expired leases, claim.
+        self, conn: apsw.Connection, done: List[Tuple[str, int, int]], whole: bool, want: int
+    ) -> Optional[Tuple[List[Tuple[int, bytes]], int, Optional[float]]]:
+        """One transaction: delete the finished, sweep expired leases, claim
+        up to ``want``. None: the group was dropped. Claims nothing (and
+        returns no due time: resume rings) while the group is paused.
 
         Due redeliveries come first (in the order they fell due), then new
         messages in seqno order. A message back from an expired batch lease
@@ -507,14 +681,14 @@ class GroupConsumer:
         elif done:
             conn.executemany(SQL_FINISH, done)
         row = conn.execute(SQL_GROUP, (group,)).fetchall()
-        if row:
-            cursor, token = row[0]
-        else:  # the group row vanished (a file edited by hand): start over after nothing
-            conn.execute(SQL_CREATE, (group, 0, now))
-            cursor, token = 0, 0
+        if not row:
+            return None  # dropped: never create it again from here
+        if is_paused(conn, group):
+            return [], 0, None
+        cursor, token = row[0]
         token += 1
         deadline = now + self._lease
-        batch = self._batch
+        batch = want
         if self.claim_limit is not None:
             batch, due = self.claim_limit.allow(conn, now, batch)
             if batch < 1:
@@ -572,6 +746,11 @@ class GroupConsumer:
         def renew(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> Optional[set]:
             if done:
                 conn.executemany(SQL_FINISH, done)
+            if is_paused(conn, self.group):
+                # Paused: give the claimed, unstarted rest back now.
+                now = time.time()
+                conn.executemany(SQL_RELEASE, [(now, self.group, seq, token) for seq in seqs])
+                return set()
             before = conn.total_changes()
             deadline = time.time() + self._lease
             conn.executemany(SQL_RENEW, [(deadline, self.group, seq, token) for seq in seqs])
@@ -600,15 +779,17 @@ class GroupConsumer:
     # -- ack / nack ------------------------------------------------------
 
     def _token_of(self, seq: int) -> Optional[int]:
-        if seq == self._in_hand:
-            return self._in_hand_token
+        for s, token in self._hand:
+            if s == seq:
+                return token
         if any(s == seq for s, _ in self._rows):
             return self._token
         return None
 
     def _forget(self, seq: int) -> None:
-        if seq == self._in_hand:
-            self._in_hand = None
+        hand = [h for h in self._hand if h[0] != seq]
+        if len(hand) < len(self._hand):
+            self._hand = hand
         elif any(s == seq for s, _ in self._rows):
             kept = [r for r in self._rows if r[0] != seq]
             self._rows.clear()
@@ -671,22 +852,43 @@ class GroupConsumer:
         token = self._token_of(seq)
         if token is None:
             return False
-        result = self._write(lambda conn, done: self._nack_tx(conn, done, seq, token, delay, error, dead), notify=True)
+
+        def tx(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> bool:
+            if done:
+                conn.executemany(SQL_FINISH, done)
+            return self._nack_row(conn, seq, token, delay, error, dead)
+
+        result = self._write(tx, notify=True)
         self._forget(seq)
         return result
 
-    def _nack_tx(
-        self,
-        conn: apsw.Connection,
-        done: List[Tuple[str, int, int]],
-        seq: int,
-        token: int,
-        delay: Optional[float],
-        error: Optional[str],
-        dead: bool = False,
+    def nack_all(self, *, delay: Optional[float] = None, error: Optional[str] = None) -> int:
+        """``nack`` every message in hand (the list from ``next_batch``, or
+        the message from ``next()``) not acked or nacked yet, in one
+        transaction. Returns how many took effect (see ``nack``).
+
+        Raises:
+            ValueError: a bad ``delay``.
+        """
+        if delay is not None:
+            delay = check_seconds("delay", delay)
+        hand = self._hand
+        if not hand:
+            return 0
+
+        def tx(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> int:
+            if done:
+                conn.executemany(SQL_FINISH, done)
+            return sum(self._nack_row(conn, seq, token, delay, error) for seq, token in hand)
+
+        result = self._write(tx, notify=True)
+        self._hand = []
+        return result
+
+    def _nack_row(
+        self, conn: apsw.Connection, seq: int, token: int, delay: Optional[float], error: Optional[str], dead: bool = False
     ) -> bool:
-        if done:
-            conn.executemany(SQL_FINISH, done)
+        """Retry (or bury) ``seq`` if this member still holds it under ``token``."""
         row = conn.execute(SQL_ROW, (self.group, seq, token)).fetchall()
         if not row:
             return False
@@ -702,38 +904,40 @@ class GroupConsumer:
     # -- ending ----------------------------------------------------------
 
     def _end(self, *, failure: Optional[str] = None, release_in_hand: bool = False, keep_in_hand: bool = False) -> None:
-        """One write: finish what is done (and the message in hand, unless
-        ``failure``: nack it with that error; ``release_in_hand``; or
+        """One write: finish what is done and the message(s) in hand (unless
+        ``failure``: nack them with that error; ``release_in_hand``; or
         ``keep_in_hand``), and release the unstarted rest at once."""
-        in_hand, in_hand_token = (None, 0) if keep_in_hand else (self._in_hand, self._in_hand_token)
+        hand = [] if keep_in_hand else self._hand
         unstarted = [(seq, self._token) for seq, _ in self._rows]
-        if in_hand is not None and release_in_hand:
-            unstarted.append((in_hand, in_hand_token))
-        elif in_hand is not None and failure is None:
-            self._done.append((self.group, in_hand, in_hand_token))
-        nack = failure is not None and in_hand is not None
+        nack: List[Tuple[int, int]] = []
+        if release_in_hand:
+            unstarted += hand
+        elif failure is not None:
+            nack = hand
+        else:
+            self._done.extend([(self.group, seq, token) for seq, token in hand])
         if self._done or unstarted or nack:
 
             def end(conn: apsw.Connection, done: List[Tuple[str, int, int]]) -> None:
-                if nack:
-                    self._nack_tx(conn, done, in_hand, in_hand_token, None, failure)  # type: ignore[arg-type]
-                elif done:
+                if done:
                     conn.executemany(SQL_FINISH, done)
+                for seq, token in nack:
+                    self._nack_row(conn, seq, token, None, failure)
                 if unstarted:
                     now = time.time()
                     conn.executemany(SQL_RELEASE, [(now, self.group, seq, token) for seq, token in unstarted])
 
             try:
-                self._write(end, notify=bool(unstarted) or nack)
+                self._write(end, notify=bool(unstarted or nack))
             except QueueClosedError:
                 self._done.clear()  # what it held comes back when its lease expires
         self._rows.clear()
         if not keep_in_hand:
-            self._in_hand = None
+            self._hand = []
 
     def close(self) -> None:
-        """Finish the message in hand, release the unstarted rest at once, and
-        stop. Idempotent; never raises because a lease was lost."""
+        """Finish the message(s) in hand, release the unstarted rest at once,
+        and stop. Idempotent; never raises because a lease was lost."""
         if self._closed:
             return
         try:

@@ -274,48 +274,56 @@ class Forwarder:
         self.backoff = BACKOFF_MIN
 
     def run(self) -> None:
+        # One member for the thread's life: a new one per round would create
+        # the group again if it was dropped (``drop-group``) in between.
         try:
-            while not self.stop.is_set():
-                try:
-                    failed = self._round()
-                except QueueClosedError:
-                    return
-                except Exception:  # e.g. a lock timeout: keep this destination alive
-                    log.exception("%s: forwarding failed; retrying", self.dest.url)
-                    failed = True
-                if failed:
-                    self.stop.wait(self.backoff * random.uniform(0.5, 1.0))
-                    self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+            c = self.q.consume(group=self.group, batch=10, lease=self.lease, max_attempts=FOREVER, wait=POLL)
+        except QueueClosedError:
+            self.dest.close()
+            return
+        try:
+            with c:
+                while not self.stop.is_set() and not c.dropped:
+                    try:
+                        failed = self._round(c)
+                    except QueueClosedError:
+                        return
+                    except Exception:  # e.g. a lock timeout: keep this destination alive
+                        log.exception("%s: forwarding failed; retrying", self.dest.url)
+                        failed = True
+                    if failed:
+                        self.stop.wait(self.backoff * random.uniform(0.5, 1.0))
+                        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+                if c.dropped:
+                    log.warning("%s: group %s was dropped; no longer forwarding there", self.dest.url, self.group)
         finally:
             self.dest.close()
 
-    def _round(self) -> bool:
-        """Deliver until idle, stopping, or a retryable failure (returns True:
-        back off; the failed message is nacked, the rest of the claim released)."""
-        c = self.q.consume(group=self.group, batch=10, lease=self.lease, max_attempts=FOREVER, wait=POLL)
-        with c:
-            for seq, msg in c:
-                body, kind = encode_message(msg)
-                started = time.monotonic()
-                try:
-                    status = self.dest.post(seq, body, kind)
-                except (OSError, http.client.HTTPException) as e:
-                    status, error = 0, f"{type(e).__name__}: {e}"
-                else:
-                    error = f"HTTP {status}"
-                ms = (time.monotonic() - started) * 1000
-                if 200 <= status < 300:
-                    self.backoff = BACKOFF_MIN
-                    log.debug("%s: seq=%d delivered in %.1f ms", self.dest.url, seq, ms)
-                elif status == 0 or retryable(status):
-                    log.warning("%s: seq=%d failed (%s); retrying in %.1f s", self.dest.url, seq, error, self.backoff)
-                    c.nack(seq, delay=self.backoff, error=error)
-                    return True
-                else:
-                    log.warning("%s: seq=%d refused (%s): dead letter", self.dest.url, seq, error)
-                    dead_letter(c, seq, error)
-                if self.stop.is_set():
-                    break
+    def _round(self, c: Any) -> bool:
+        """Deliver until idle (POLL seconds), stopping, or a retryable failure
+        (returns True: back off; the failed message was nacked)."""
+        for seq, msg in c:
+            body, kind = encode_message(msg)
+            started = time.monotonic()
+            try:
+                status = self.dest.post(seq, body, kind)
+            except (OSError, http.client.HTTPException) as e:
+                status, error = 0, f"{type(e).__name__}: {e}"
+            else:
+                error = f"HTTP {status}"
+            ms = (time.monotonic() - started) * 1000
+            if 200 <= status < 300:
+                self.backoff = BACKOFF_MIN
+                log.debug("%s: seq=%d delivered in %.1f ms", self.dest.url, seq, ms)
+            elif status == 0 or retryable(status):
+                log.warning("%s: seq=%d failed (%s); retrying in %.1f s", self.dest.url, seq, error, self.backoff)
+                c.nack(seq, delay=self.backoff, error=error)
+                return True
+            else:
+                log.warning("%s: seq=%d refused (%s): dead letter", self.dest.url, seq, error)
+                dead_letter(c, seq, error)
+            if self.stop.is_set():
+                break
         return False
 
 

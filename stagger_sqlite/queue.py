@@ -425,6 +425,46 @@ class StaggerQueue:
         """
         return groups_.requeue(self, group, seqs)
 
+    def pause(self, group: str) -> None:
+        """Pause consumer group ``group``: from each member's next claim, in
+        every process, nothing more is handed out (a waiting member keeps
+        waiting; one with ``wait=False`` stops); what is in hand is finished
+        normally, and a member working through a claimed batch releases the
+        rest at its next lease renewal (within ``lease / 10`` seconds). The
+        flag is kept in the file: it holds across restarts until ``resume``.
+        A group may be paused before it exists. Idempotent.
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string.
+        """
+        groups_.set_paused(self, group, True)
+
+    def resume(self, group: str) -> None:
+        """Undo ``pause``: waiting members of ``group`` wake and claim at
+        once. Idempotent.
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string.
+        """
+        groups_.set_paused(self, group, False)
+
+    def drop_group(self, group: str) -> bool:
+        """Delete consumer group ``group``: its position, what it has in
+        flight or waiting for a retry, its dead letters, its pause flag and
+        rate limit. ``purge`` then no longer waits for it. Returns True if
+        the group existed.
+
+        A live member of the dropped group ends at its next claim or lease
+        renewal (its loop stops quietly; ``next_batch`` returns ``[]``; its
+        ``dropped`` is True) and never creates the group again; its ``ack``
+        and ``nack`` return False. A later ``consume(group=...)`` of the same
+        name creates a new group, as if for the first time.
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string.
+        """
+        return groups_.drop_group(self, group)
+
     def aconsume(
         self,
         ack: int = 0,

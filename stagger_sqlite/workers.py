@@ -5,10 +5,15 @@ each a member of one consumer group, and keeps them running:
 
 - each message is passed to the handler; returning acks it, raising nacks it
   (retried with backoff by the group; dead-lettered after ``max_attempts``);
-- ``batch_handler=True`` passes a list of up to ``batch`` messages instead;
+- ``batch_handler=True`` passes a list of up to ``batch`` messages instead,
+  handed out together (``GroupConsumer.next_batch``: one write transaction
+  per list);
 - ``rate`` limits hand-outs for the whole group, across every process and
   every pool (``control.RateLimiter``, state in the queue file);
-- a paused group (``control.pause``) gets no hand-outs in any worker;
+- a paused group (``StaggerQueue.pause``) gets no hand-outs: every claim
+  checks the flag;
+- a dropped group (``StaggerQueue.drop_group``) stops the pool: it is never
+  created again under the user's feet;
 - SIGTERM/SIGINT stop taking messages; what is in hand is finished (or, if
   claimed but not started, released at once) and the pool exits cleanly;
 - a worker process that dies is restarted; what it held comes back through
@@ -32,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 from . import control
+from .groups import create_group
 from .queue import StaggerQueue
 from .validate import check_int, check_seconds
 
@@ -39,8 +45,7 @@ log = logging.getLogger("stagger_sqlite.workers")
 
 Handler = Union[str, Callable[[Any], Any]]
 
-#: Seconds a worker's consumer waits for new messages before it looks at its
-#: flags again (stop, pause); also the idle poll when claiming one at a time.
+#: Seconds a worker waits for a message before it looks at its stop flag again.
 POLL = 0.25
 #: Restart backoff for a worker process that keeps dying at start.
 RESTART_MIN, RESTART_MAX = 0.1, 5.0
@@ -96,120 +101,64 @@ class Worker:
     """One member of the group, in one process: claims, runs the handler, acks.
 
     ``run()`` loops until ``stop()`` (which SIGTERM/SIGINT call in a pool's
-    worker process): between messages it looks at the stop flag, the group's
-    pause flag and the rate's next due time.
+    worker process) or until its group is dropped. Pause and the rate limit
+    are the claim's business (``GroupConsumer``): a worker just asks for the
+    next message, or list, and waits at most POLL seconds between looks at
+    its stop flag.
     """
 
     def __init__(self, opts: WorkerOptions, handler: Callable[[Any], Any]) -> None:
         self.opts = opts
         self.handler = handler
         self.q = StaggerQueue(opts.path, codec=opts.codec)
-        self.limiter = control.RateLimiter(opts.group, opts.rate) if opts.rate else None
         self.stopping = False
-        self._idle = 0.01
         self.done = 0
 
     def stop(self) -> None:
         self.stopping = True
 
     def run(self) -> None:
-        try:
-            while not self.stopping:
-                due = self.limiter.due(self.q) if self.limiter else 0.0
-                if control.is_paused(self.q, self.opts.group):
-                    time.sleep(POLL)
-                elif due > 0:
-                    # The group's next hand-out is not due: a read, not a claim attempt.
-                    time.sleep(min(due, POLL))
-                elif not self.opts.batch_handler:
-                    self._stream()
-                elif not self._one_batch():
-                    # Nothing claimable, or the rate's next hand-out not due: back off.
-                    time.sleep(self._idle)
-                    self._idle = min(self._idle * 2, POLL)
-                else:
-                    self._idle = 0.01
-        finally:
-            self.q.close()
-
-    def _consumer(self, batch: int, wait: Union[bool, float]):
         o = self.opts
-        c = self.q.consume(group=o.group, batch=batch, lease=o.lease, max_attempts=o.max_attempts, wait=wait)
-        c.claim_limit = self.limiter  # the rate limit, applied inside each claim
-        return c
-
-    # -- one handler call per message, claims of up to `batch` -------------
-
-    def _stream(self) -> None:
-        """Handle messages until idle for POLL seconds, paused or stopping;
-        closing the consumer acks the last one and releases the unstarted."""
-        with self._consumer(self.opts.batch, POLL) as c:
-            while not self.stopping and not control.is_paused(self.q, self.opts.group):
-                try:
-                    seq, msg = next(c)  # not iter(c): a dropped generator would release
-                except StopIteration:
-                    return
-                self._call(c, [seq], msg)
-
-    # -- batch handler: a list of messages, each claimed alone ---------------
-
-    def _claim_one(self) -> Optional[Tuple[Any, int, Any]]:
-        """Claim one message: ``(consumer, seq, msg)``, or None when nothing
-        is claimable (or, with a rate, due) now. Each message has its own
-        consumer, so each stays in hand (unfinished) until the handler is done."""
-        c = self._consumer(1, False)
         try:
-            seq, msg = next(c)
+            with self.q.consume(group=o.group, batch=o.batch, lease=o.lease, max_attempts=o.max_attempts, wait=POLL) as c:
+                c.claim_limit = control.RateLimiter(o.group, o.rate) if o.rate else None
+                step = self._batch if o.batch_handler else self._one
+                while not self.stopping and not c.dropped:
+                    step(c)
+                if c.dropped:
+                    log.warning("%s: the group was dropped; this worker stops", o.group)
+        finally:
+            self.q.close()  # closing the consumer (end of `with`) finished what it held
+
+    def _one(self, c: Any) -> None:
+        """Handle one message (claims of up to ``batch`` behind the scenes)."""
+        try:
+            seq, msg = next(c)  # not iter(c): a dropped generator would release
         except StopIteration:
-            c.close()
-            return None
-        return c, seq, msg
+            return  # idle for POLL seconds: look at the flags
+        self._call(c, [seq], msg)
 
-    def _one_batch(self) -> bool:
-        """Claim up to ``batch`` messages, call the handler with their list.
-        Returns whether anything was handled."""
-        held: List[Tuple[Any, int, Any]] = []
-        while len(held) < self.opts.batch and not self.stopping:
-            got = self._claim_one()
-            if got is None:
-                break
-            held.append(got)
-        if not held:
-            return False
-        seqs = [s for _, s, _ in held]
+    def _batch(self, c: Any) -> None:
+        """Handle one list of up to ``batch`` messages, claimed (and, at the
+        next call, finished) in one write transaction."""
+        items = c.next_batch()
+        if items:
+            self._call(c, [seq for seq, _ in items], [msg for _, msg in items])
+
+    def _call(self, c: Any, seqs: List[int], arg: Any) -> None:
         started = time.monotonic()
         try:
-            self.handler([m for _, _, m in held])
+            self.handler(arg)
         except Exception as e:
-            ms = (time.monotonic() - started) * 1000
-            for c, seq, _ in held:
-                self._failed(c, [seq], e, ms)
-                c.close()
-            return True
-        ms = (time.monotonic() - started) * 1000
-        for c, _, _ in held:
-            c.close()  # acks
-        self.done += len(held)
-        log.debug("%s: seq=%s ok in %.1f ms", self.opts.group, _seqs(seqs), ms)
-        return True
-
-    # -- shared ------------------------------------------------------------
-
-    def _call(self, c: Any, seqs: List[int], msg: Any) -> None:
-        started = time.monotonic()
-        try:
-            self.handler(msg)
-        except Exception as e:
-            self._failed(c, seqs, e, (time.monotonic() - started) * 1000)
+            error = f"{type(e).__name__}: {e}"
+            c.nack_all(error=error)
+            log.warning(
+                "%s: seq=%s failed in %.1f ms, will retry or dead-letter: %s",
+                self.opts.group, _seqs(seqs), (time.monotonic() - started) * 1000, error,
+            )
             return
-        self.done += 1
+        self.done += len(seqs)
         log.debug("%s: seq=%s ok in %.1f ms", self.opts.group, _seqs(seqs), (time.monotonic() - started) * 1000)
-
-    def _failed(self, c: Any, seqs: List[int], e: BaseException, ms: float) -> None:
-        error = f"{type(e).__name__}: {e}"
-        for seq in seqs:
-            c.nack(seq, error=error)
-        log.warning("%s: seq=%s failed in %.1f ms, will retry or dead-letter: %s", self.opts.group, _seqs(seqs), ms, error)
 
 
 def _seqs(seqs: List[int]) -> str:
@@ -329,7 +278,8 @@ class WorkerPool:
 
     def run(self) -> int:
         """Start the workers and supervise them until ``stop()``, SIGTERM or
-        SIGINT (in the main thread), or ``until_idle``. Returns 0."""
+        SIGINT (in the main thread), ``until_idle``, or the group is dropped
+        (``StaggerQueue.drop_group``). Returns 0."""
         installed = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -339,6 +289,8 @@ class WorkerPool:
         started: List[float] = []
         backoff = [RESTART_MIN] * self.processes
         try:
+            # Created here, so a group missing later was dropped (see below).
+            create_group(q, self.opts.group)
             for i in range(self.processes):
                 procs.append(self._spawn(i))
                 started.append(time.monotonic())
@@ -348,6 +300,11 @@ class WorkerPool:
                 for i, p in enumerate(procs):
                     if p.is_alive() or self._stop.is_set():
                         continue
+                    if self.opts.group not in q.groups():
+                        # Dropped: a new worker would create the group again.
+                        log.warning("%s: the group was dropped; stopping", self.opts.group)
+                        self._stop.set()
+                        break
                     # A worker died (killed, or crashed outside the handler).
                     quick = time.monotonic() - started[i] < 2.0
                     backoff[i] = min(backoff[i] * 2, RESTART_MAX) if quick else RESTART_MIN
@@ -357,7 +314,7 @@ class WorkerPool:
                     procs[i] = self._spawn(i)
                     started[i] = time.monotonic()
                     self.restarts += 1
-                if self.until_idle is not None:
+                if self.until_idle is not None and not self._stop.is_set():
                     if group_idle(q, self.opts.group):
                         idle_since = idle_since or time.monotonic()
                         if time.monotonic() - idle_since >= self.until_idle:

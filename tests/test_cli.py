@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from stagger_sqlite import StaggerQueue
-from stagger_sqlite import control
 
 from .helpers import wait_for
 
@@ -109,12 +108,33 @@ def test_purge_dead_requeue(qpath):
 
 def test_pause_and_resume_set_the_shared_flag(qpath):
     run("write", qpath, "1")
+    with StaggerQueue(qpath) as q:
+        q.consume(group="g").close()
     assert run("pause", qpath, "--group", "g").returncode == 0
     with StaggerQueue(qpath) as q:
-        assert control.is_paused(q, "g")
+        assert q.groups()["g"].paused
+    assert "(paused)" in run("info", qpath).stdout
+    assert run("read", qpath, "--group", "g").stdout == ""  # a paused group hands out nothing
     assert run("resume", qpath, "--group", "g").returncode == 0
     with StaggerQueue(qpath) as q:
-        assert not control.is_paused(q, "g")
+        assert not q.groups()["g"].paused
+    assert lines(run("read", qpath, "--group", "g").stdout) == [{"seq": 1, "msg": 1}]
+
+
+def test_drop_group(qpath):
+    run("write", qpath, "1", "2")
+    with StaggerQueue(qpath) as q:
+        q.consume(group="old").close()
+        with q.consume(group="new", wait=False) as c:
+            assert [s for s, _ in c] == [1, 2]
+    assert run("purge", qpath).stdout.strip() == "0"  # group "old" finished nothing
+    r = run("drop-group", qpath, "--group", "old")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert run("purge", qpath).stdout.strip() == "2"
+    r = run("drop-group", qpath, "--group", "old")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no group 'old'" in r.stderr
+    with StaggerQueue(qpath) as q:
+        assert list(q.groups()) == ["new"]
 
 
 def test_check_passes_a_good_file_and_fails_a_damaged_one(qpath):
@@ -159,7 +179,7 @@ def test_help_has_every_command(capsys):
 
     r = run("--help")  # the real entry point once; each command's help in-process
     for command in ("info", "write", "read", "purge", "dead", "requeue", "check", "pause", "resume",
-                    "work", "serve", "forward", "bench", "demo"):
+                    "drop-group", "work", "serve", "forward", "bench", "demo"):
         assert command in r.stdout
         with pytest.raises(SystemExit) as exit:
             main([command, "--help"])

@@ -429,7 +429,7 @@ def test_readme_group_examples_run(tmp_path):
     section = text.split("Consumer groups: worker processes\n", 1)[1]
     section = re.split(r"\n[^\n]+\n=+\n", section, maxsplit=1)[0]
     blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", section)
-    assert len(blocks) >= 3
+    assert len(blocks) >= 6
     for i, block in enumerate(blocks):
         script = tmp_path / f"example{i}.py"
         script.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n")
@@ -439,6 +439,12 @@ def test_readme_group_examples_run(tmp_path):
             assert "acked=1000" in out.stdout and "dead=0" in out.stdout
         if "dead-demo" in block:
             assert out.stdout.splitlines() == ["2 poison 1 cannot parse", "1", "[2]"]
+        if "lists-demo" in block:
+            assert out.stdout.splitlines() == ["[1, 2, 3]", "[4, 5, 6]", "[7]", "7"]
+        if "pause-demo" in block:
+            assert out.stdout.splitlines() == ["[]", "True", "[1, 2]"]
+        if "drop-demo" in block:
+            assert out.stdout.splitlines() == ["0", "True", "5"]
 
 
 def test_keyboard_interrupt_releases_everything_without_an_attempt(q):
@@ -467,3 +473,211 @@ def test_member_that_lost_its_lease_hands_out_nothing_stale(q):
     assert new.ack(1) is True
     new.close()
     assert q.groups()["g"] == GroupInfo(acked=3, in_flight=0, retrying=0, lag=0, dead=0, delivered=3)
+
+
+# -- a list handed out together (next_batch) -------------------------------
+
+
+def test_next_batch_hands_out_lists_and_finishes_each_with_the_next(q):
+    q.write_many(range(1, 26))
+    with q.consume(group="g", batch=10, wait=False) as c:
+        first = c.next_batch()
+        assert first == [(s, s) for s in range(1, 11)]
+        info = q.groups()["g"]
+        assert (info.acked, info.in_flight) == (0, 10)  # all ten in hand at once
+        assert [s for s, _ in c.next_batch(4)] == [11, 12, 13, 14]
+        info = q.groups()["g"]
+        assert (info.acked, info.in_flight) == (10, 4)  # the claim finished the first list
+        assert [s for s, _ in c.next_batch()] == list(range(15, 25))
+        assert [s for s, _ in c.next_batch()] == [25]  # what is claimable now, not a full list
+        assert c.next_batch() == []  # wait=False: nothing claimable
+        with pytest.raises(ValueError):
+            c.next_batch(0)
+    assert q.groups()["g"] == GroupInfo(acked=25, in_flight=0, retrying=0, lag=0, dead=0, delivered=25)
+
+
+def test_next_batch_ack_and_nack_one_or_nack_all(q):
+    q.write_many(range(1, 7))
+    with q.consume(group="g", batch=3, max_attempts=1, wait=False) as c:
+        assert [s for s, _ in c.next_batch()] == [1, 2, 3]
+        assert c.ack(1) is True
+        assert c.nack(2, error="two") is True  # max_attempts=1: a dead letter now
+        assert c.nack(2) is False  # no longer in hand
+        assert [s for s, _ in c.next_batch()] == [4, 5, 6]  # 3 finished by this call
+        assert c.nack_all(error="all") == 3
+        assert c.nack_all() == 0  # nothing left in hand
+        assert c.next_batch() == []
+    assert [(d.seq, d.error) for d in q.dead_letters("g")] == [(2, "two"), (4, "all"), (5, "all"), (6, "all")]
+    assert q.groups()["g"].acked == 6
+
+
+def test_exception_with_a_list_in_hand_nacks_the_whole_list(q):
+    q.write_many(range(1, 11))
+    with pytest.raises(RuntimeError):
+        with q.consume(group="g", batch=4, max_attempts=1, wait=False) as c:
+            c.next_batch()
+            raise RuntimeError("handler broke")
+    assert [(d.seq, d.error) for d in q.dead_letters("g")] == [(s, "handler broke") for s in (1, 2, 3, 4)]
+    assert drain(q, "g") == list(range(5, 11))
+
+
+def test_next_batch_costs_one_write_per_list(q):
+    q.write_many(range(100))
+    writes = []
+    real = q._storage.write
+
+    def counting(fn, **kw):  # counts the calls, runs the real write
+        writes.append(fn)
+        return real(fn, **kw)
+
+    q._storage.write = counting
+    try:
+        lists = 0
+        with q.consume(group="g", batch=10, wait=False) as c:
+            while c.next_batch():
+                lists += 1
+    finally:
+        del q._storage.write
+    assert lists == 10
+    # The group's creation, one claim per list (each finishing the previous
+    # list), and the last, empty claim, which finishes the last list.
+    assert len(writes) == 1 + lists + 1
+    assert q.groups()["g"].acked == 100
+
+
+def test_a_list_whose_member_died_comes_back_alone_one_attempt_each(q):
+    q.write_many(range(1, 5))
+    gone = q.consume(group="g", batch=4, lease=0.5, wait=False)
+    assert len(gone.next_batch()) == 4  # then it "dies": never finishes them
+    with q.consume(group="g", batch=4, lease=30, max_attempts=2, wait=30) as c:
+        lists = [[s for s, _ in c.next_batch()] for _ in range(4)]
+    assert lists == [[1], [2], [3], [4]]  # alone: each claim is that message's start mark
+    gone.close()  # late: changes nothing, never raises
+    assert gone.ack(1) is False
+    assert q.groups()["g"] == GroupInfo(acked=4, in_flight=0, retrying=0, lag=0, dead=0, delivered=4)
+
+
+# -- pause ------------------------------------------------------------------
+
+
+def test_pause_holds_every_member_and_resume_wakes_a_waiting_one(q):
+    q.write_many([1, 2, 3])
+    q.pause("g")  # before the group exists: its first members start paused
+    assert drain(q, "g") == []  # wait=False: nothing claimable, it stops
+    assert q.groups()["g"].paused
+    got = []
+
+    def member():
+        with q.consume(group="g", wait=60) as c:
+            for seq, _ in c:
+                got.append(seq)
+                if seq == 4:
+                    break
+
+    t = threading.Thread(target=member)
+    t.start()
+    q.write(4)  # a new message wakes the member; the claim still hands out nothing
+    time.sleep(0.5)  # asserting an absence: give it time to misbehave
+    assert got == [] and t.is_alive()
+    q.pause("g")  # idempotent
+    q.resume("g")
+    t.join(60)
+    assert got == [1, 2, 3, 4]
+    assert not q.groups()["g"].paused
+    q.resume("g")  # idempotent
+    with pytest.raises(ValueError):
+        q.pause("")
+
+
+def test_pause_reaches_a_member_working_through_a_claimed_batch(q):
+    q.write_many(range(1, 101))
+    with q.consume(group="g", batch=100, lease=1.0, wait=False) as c:
+        assert next(c)[0] == 1  # this member holds all 100
+        q.pause("g")
+        got = []
+        for seq, _ in c:  # 99 x 20 ms: well past the renewal, a tenth of the lease
+            got.append(seq)
+            time.sleep(0.02)
+        info = q.groups()["g"]
+    assert got == list(range(2, 2 + len(got))) and len(got) < 99
+    # What it handed out was finished; the unstarted rest was released at once.
+    assert (info.acked, info.in_flight, info.retrying) == (1 + len(got), 0, 0)
+    q.resume("g")
+    assert drain(q, "g") == list(range(2 + len(got), 101))
+
+
+# -- drop_group -------------------------------------------------------------
+
+
+def test_drop_group_lets_purge_proceed(q):
+    q.write_many(range(1, 6))
+    q.consume(group="abandoned").close()
+    with q.consume(group="g", max_attempts=1, wait=False) as c:
+        for seq, _ in c:
+            if seq == 2:
+                c.nack(seq, error="bad")
+    q.pause("abandoned")
+    assert q.purge() == 0  # "abandoned" finished nothing
+    assert q.drop_group("abandoned") is True
+    assert q.drop_group("abandoned") is False
+    assert list(q.groups()) == ["g"]
+    assert q.purge() == 5
+    assert [(d.seq, d.msg) for d in q.dead_letters("g")] == [(2, 2)]  # other groups untouched
+    assert q.drop_group("g") is True
+    assert q.dead_letters("g") == [] and q.groups() == {} and q.stats()["groups"] == {}
+    q.write(6)
+    assert drain(q, "abandoned") == [6]  # a new group of that name: not paused, from what is stored
+    with pytest.raises(ValueError):
+        q.drop_group("")
+
+
+def test_live_member_of_a_dropped_group_ends_and_recreates_nothing(q):
+    q.write_many(range(1, 11))
+    c = q.consume(group="g", batch=5, lease=1.0, wait=30)
+    assert next(c)[0] == 1  # holds 1..5
+    assert q.drop_group("g") is True
+    assert c.ack(1) is False
+    assert c.nack(2) is False
+    rest = [s for s, _ in c]  # at most what it had in memory, until its next claim or renewal
+    assert set(rest) <= {3, 4, 5}
+    assert c.dropped
+    assert c.next_batch() == []
+    c.close()
+    assert q.groups() == {}
+
+
+def test_waiting_member_of_a_dropped_group_wakes_and_ends(q):
+    q.consume(group="g").close()
+    ready = threading.Event()
+    members = []
+
+    def member():
+        with q.consume(group="g", wait=60) as c:
+            members.append(c)
+            ready.set()
+            assert list(c) == []
+
+    t = threading.Thread(target=member)
+    t.start()
+    assert ready.wait(60)
+    assert q.drop_group("g") is True
+    t.join(60)
+    assert not t.is_alive() and members[0].dropped
+    assert q.groups() == {}
+
+
+def test_group_created_again_after_a_drop_is_fenced_from_old_members(q):
+    q.write_many(range(1, 4))
+    old = q.consume(group="g", batch=3, wait=False)
+    assert next(old)[0] == 1  # holds 1, 2, 3
+    assert q.drop_group("g") is True
+    new = q.consume(group="g", batch=3, wait=False)  # a new group: sees every stored message
+    assert next(new)[0] == 1  # holds 1, 2, 3
+    # The old member's claim tokens never match the new group's rows.
+    assert old.ack(1) is False
+    assert old.nack(2) is False
+    old.close()  # releasing its 3 touches nothing of the new group's
+    assert q.groups()["g"].in_flight == 3
+    assert [s for s, _ in new] == [2, 3]
+    new.close()
+    assert q.groups()["g"].acked == 3

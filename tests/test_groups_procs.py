@@ -3,8 +3,13 @@ a message that kills its worker every time (SPEC §4)."""
 
 import multiprocessing as mp
 import os
+import queue
 import signal
+import subprocess
+import sys
 import time
+
+import pytest
 
 from stagger_sqlite import StaggerQueue
 
@@ -45,6 +50,47 @@ def killing_member(path, log, killer, batch, lease, max_attempts):
                 f.write(f"{seq}\n")
             if seq == killer:
                 os._exit(3)
+
+
+def batch_member(path, group, out, start, n, lease, wait):
+    """Take lists with next_batch until idle for ``wait`` s; report them."""
+    q = StaggerQueue(path, durability="normal")
+    start.wait(60)
+    lists = []
+    with q.consume(group=group, batch=n, lease=lease, wait=wait) as c:
+        while True:
+            items = c.next_batch()
+            if not items:
+                break
+            assert all(msg == {"n": seq} for seq, msg in items)
+            lists.append([seq for seq, _ in items])
+    out.put((os.getpid(), lists))
+    q.close()
+
+
+def killing_batch_member(path, log, killer, n, lease, max_attempts):
+    """Take lists, logging each as one line; a list holding ``killer`` kills the process."""
+    q = StaggerQueue(path, durability="normal")
+    with q.consume(group="g", batch=n, lease=lease, max_attempts=max_attempts, wait=3 * lease) as c:
+        while True:
+            seqs = [seq for seq, _ in c.next_batch()]
+            if not seqs:
+                break
+            with open(log, "a") as f:
+                f.write(" ".join(map(str, seqs)) + "\n")
+            if killer in seqs:
+                os._exit(3)
+
+
+def following_member(path, out, last):
+    """A plain member (no pool) that waits for messages; reports each seq."""
+    q = StaggerQueue(path, durability="normal")
+    with q.consume(group="g", batch=10, wait=120) as c:
+        for seq, _ in c:
+            out.put(seq)
+            if seq == last:
+                break
+    q.close()
 
 
 def test_four_member_processes_share_20000_messages_exactly_once(qpath):
@@ -138,3 +184,77 @@ def test_message_that_kills_its_worker_is_dead_lettered_alone(qpath, tmp_path):
         starts = [int(line) for line in f]
     assert starts.count(killer) == max_attempts  # started exactly max_attempts times
     assert set(starts) == set(range(1, 21))  # the others of its batch were handled
+
+
+def test_four_batch_members_share_messages_exactly_once(qpath):
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([{"n": i} for i in range(1, 5001)])
+        q.consume(group="g", wait=False).close()
+    out, start = CTX.Queue(), CTX.Event()
+    procs = [CTX.Process(target=batch_member, args=(qpath, "g", out, start, 25, 30.0, 1.0)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lists = [lst for _, member_lists in results for lst in member_lists]
+    assert sorted(s for lst in lists for s in lst) == list(range(1, 5001))  # each exactly once
+    assert max(len(lst) for lst in lists) == 25 and all(lst == sorted(lst) for lst in lists)
+    with StaggerQueue(qpath) as q:
+        info = q.groups()["g"]
+    assert (info.acked, info.in_flight, info.retrying, info.lag, info.dead) == (5000, 0, 0, 0, 0)
+
+
+def test_list_that_kills_its_worker_dead_letters_only_the_killer(qpath, tmp_path):
+    """A list handed out together counts one attempt for each of its messages
+    when its member dies; they come back alone, so only the killer dies."""
+    log = str(tmp_path / "lists.log")
+    max_attempts, killer = 3, 5
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([{"n": i} for i in range(1, 21)])
+    deadline = time.monotonic() + 120
+    with StaggerQueue(qpath) as q:
+        while True:
+            info = q.groups().get("g")
+            if info is not None and info.acked == 20:
+                break
+            assert time.monotonic() < deadline, f"not finished: {info}"
+            p = CTX.Process(target=killing_batch_member, args=(qpath, log, killer, 10, 1.5, max_attempts))
+            p.start()
+            p.join(60)
+            assert p.exitcode in (0, 3)
+        [dead] = q.dead_letters("g")
+        assert (dead.seq, dead.attempts) == (killer, max_attempts) and "lease" in dead.error
+        info = q.groups()["g"]
+        assert (info.acked, info.dead, info.in_flight, info.retrying) == (20, 1, 0, 0)
+    with open(log) as f:
+        lists = [[int(s) for s in line.split()] for line in f]
+    assert lists[0] == list(range(1, 11))  # the first list, handed out together, died
+    assert sum(lst.count(killer) for lst in lists) == max_attempts
+    assert [lst for lst in lists if killer in lst][1:] == [[killer]] * (max_attempts - 1)  # then alone
+    assert {s for lst in lists for s in lst} == set(range(1, 21))
+
+
+def test_pause_from_another_process_holds_a_plain_member(qpath):
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([1, 2])
+        q.consume(group="g").close()
+        out = CTX.Queue()
+        p = CTX.Process(target=following_member, args=(qpath, out, 4))
+        p.start()
+        try:
+            assert sorted([out.get(timeout=60), out.get(timeout=60)]) == [1, 2]
+            subprocess.run([sys.executable, "-m", "stagger_sqlite", "pause", qpath, "--group", "g"], check=True, timeout=60)
+            q.write_many([3, 4])  # wakes the member: its claim hands out nothing
+            with pytest.raises(queue.Empty):
+                out.get(timeout=1.0)  # asserting an absence: a second to misbehave
+            assert q.groups()["g"].lag == 2
+            q.resume("g")
+            assert sorted([out.get(timeout=60), out.get(timeout=60)]) == [3, 4]
+            p.join(60)
+            assert p.exitcode == 0
+        finally:
+            if p.is_alive():
+                p.kill()

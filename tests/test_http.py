@@ -197,3 +197,27 @@ def test_forward_retries_network_errors_until_the_destination_is_up(qpath):
         assert p.wait(60) == 0
     with StaggerQueue(qpath) as q:
         assert q.dead_letters(f"forward:{url}") == []
+
+
+def test_forward_stops_a_destination_whose_group_is_dropped(qpath):
+    gone, kept = Receiver(), Receiver()
+    with StaggerQueue(qpath) as q:
+        q.write_many([1, 2])
+    p = subprocess.Popen(CLI + ["forward", qpath, "--url", gone.url, "--url", kept.url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: set(gone.ok) == set(kept.ok) == {1, 2}, 60, message="both served")
+        r = subprocess.run(CLI + ["drop-group", qpath, "--group", f"forward:{gone.url}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        with StaggerQueue(qpath) as q:
+            q.write(3)
+            wait_for(lambda: set(kept.ok) == {1, 2, 3}, 60, message="the other destination goes on")
+            assert list(q.groups()) == [f"forward:{kept.url}"]  # the dropped group was not created again
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        for r in (gone, kept):
+            r.close()
+    assert gone.ok == {1: 1, 2: 1}  # nothing resent, nothing new
+    assert "dropped" in p.stderr.read()

@@ -51,6 +51,13 @@ def record_batch(msgs):
     _record(",".join(map(str, msgs)))
 
 
+def record_batch_but_13(msgs):
+    if 13 in msgs:
+        _record("FAIL:" + ",".join(map(str, msgs)))
+        raise ValueError("a list with 13")
+    _record(",".join(map(str, msgs)))
+
+
 def records(path):
     """[(msg, pid, time)] recorded so far."""
     try:
@@ -151,6 +158,52 @@ def test_batch_handler_gets_lists(qpath, out):
     assert max(len(b) for b in batches) == 10
 
 
+def test_batch_handler_in_two_processes_gets_each_message_once(qpath, out):
+    fill(qpath, 1000)
+    r = work(qpath, "--group", "g", "--handler", "tests.test_workers:record_batch",
+             "--processes", "2", "--batch-handler", "--batch", "20", "--until-idle", "0.5")
+    assert r.returncode == 0, r.stderr
+    batches = [[int(x) for x in m.split(",")] for m, _, _ in records(out)]
+    assert sorted(x for b in batches for x in b) == list(range(1, 1001))  # each exactly once: nobody died
+    assert max(len(b) for b in batches) == 20 and all(b == sorted(b) for b in batches)
+    info = group_info(qpath, "g")
+    assert (info.acked, info.in_flight, info.retrying, info.dead) == (1000, 0, 0, 0)
+
+
+def test_raising_batch_handler_nacks_the_whole_list(qpath, out):
+    fill(qpath, 100)
+    r = work(qpath, "--group", "g", "--handler", "tests.test_workers:record_batch_but_13",
+             "--processes", "1", "--batch-handler", "--batch", "10", "--max-attempts", "1", "--until-idle", "0.3")
+    assert r.returncode == 0, r.stderr
+    lines = [m for m, _, _ in records(out)]
+    [failed] = [[int(x) for x in m[5:].split(",")] for m in lines if m.startswith("FAIL:")]
+    handled = [int(x) for m in lines if not m.startswith("FAIL:") for x in m.split(",")]
+    assert 13 in failed and len(failed) == 10
+    with StaggerQueue(qpath) as q:
+        dead = q.dead_letters("g")
+    # max_attempts=1: every message of the failed list is dead-lettered with the error, nothing else.
+    assert [d.seq for d in dead] == failed
+    assert all("a list with 13" in d.error for d in dead)
+    assert sorted(handled) == sorted(set(range(1, 101)) - set(failed))  # the rest once each
+
+
+def test_pool_stops_when_its_group_is_dropped(qpath, out):
+    fill(qpath, 300)
+    p = start_work(qpath, "--group", "g", "--handler", "tests.test_workers:record_slowly", "--processes", "2")
+    try:
+        wait_for(lambda: len(records(out)) >= 10, 60, message="work under way")
+        r = subprocess.run(CLI + ["drop-group", qpath, "--group", "g"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "dropped" in p.stderr.read()
+    with StaggerQueue(qpath) as q:
+        assert q.groups() == {}  # no worker created it again
+        assert q.purge() == 300
+
+
 def test_pause_stops_every_worker_and_resume_restarts_them(qpath, out):
     fill(qpath, 300)
     p = start_work(qpath, "--group", "g", "--handler", "tests.test_workers:record_slowly", "--processes", "2")
@@ -231,13 +284,6 @@ def test_worker_pool_validates_its_arguments(qpath):
         WorkerPool(qpath, "g", record, processes=0)
 
 
-def test_pause_flag_is_shared_through_the_file(qpath):
-    with StaggerQueue(qpath) as a, StaggerQueue(qpath) as b:
-        assert not control.is_paused(b, "g")
-        control.pause(a, "g")
-        assert control.is_paused(b, "g") and not control.is_paused(b, "other")
-        control.resume(a, "g")
-        assert not control.is_paused(b, "g")
 
 
 def test_parse_rate():
