@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Se
 
 import apsw
 
-from . import control
+from . import control, schema
 from .errors import AckOutOfRangeError, DecodeError, QueueClosedError, StaggerError
 from .validate import check_int, check_seconds, check_wait
 from .wakeup import Waiter
@@ -726,6 +726,7 @@ class GroupConsumer:
                 # nobody else writes while we hold the writer lock.
                 conn.execute(SQL_INSERT_NEW, (group, token, deadline, cursor, want))
                 new = conn.execute(SQL_NEW, (cursor, want)).fetchall()
+                schema.check_run(conn, self._queue.path, cursor, new)
                 if new:
                     cursor = new[-1][0]
                     rows = rows + new

@@ -500,7 +500,12 @@ class StaggerQueue:
         Raises:
             QueueClosedError: the queue was closed.
         """
-        return self._storage.read(lambda conn: conn.execute(SQL_PAGE, (after, limit)).fetchall())
+        def page(conn: apsw.Connection) -> List[tuple]:
+            rows = conn.execute(SQL_PAGE, (after, limit)).fetchall()
+            schema.check_run(conn, self.path, after, rows)
+            return rows
+
+        return self._storage.read(page)
 
     def decode(self, body: bytes, seq: int) -> Any:
         """Decode the stored bytes of message ``seq`` with this queue's codec.

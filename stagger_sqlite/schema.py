@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import apsw
 
-from .errors import NotAQueueError
+from .errors import NotAQueueError, StaggerError
 
 #: ``PRAGMA application_id`` of every queue file: b"STGQ".
 APPLICATION_ID = 0x53544751
@@ -204,6 +204,37 @@ def connection_busy_timeout(conn: apsw.Connection, ms: int) -> None:
     first, so SQLite's sleeping busy handler matters only against programs that
     write the file without it."""
     conn.set_busy_timeout(ms)
+
+
+def check_run(conn: apsw.Connection, path: str, after: int, rows: List[tuple]) -> None:
+    """Check that ``rows`` (``seq`` first, read by ``seq > after ORDER BY seq``)
+    continue the stored messages without a hole.
+
+    Stored messages are always one contiguous run of seqnos: writes append,
+    purge removes a prefix, and a rolled-back write rolls back its seqnos too.
+    So a page with a hole, or a page that starts past ``after + 1`` while
+    older messages are still stored, can only come from a damaged file (SQLite
+    keeps no page checksums; a misplaced page reads as valid rows). Without
+    this check a consumer would skip messages silently, or go round forever
+    when the damage sends ``seq`` backwards. O(1) per page; one more indexed
+    query only when a page starts with a jump (after a purge).
+
+    Raises:
+        StaggerError: the file is damaged, naming the path and the seqnos.
+    """
+    if not rows:
+        return
+    first, last = rows[0][0], rows[-1][0]
+    if first > after and last - first == len(rows) - 1:
+        if first == after + 1:
+            return
+        lowest = conn.execute("SELECT min(seq) FROM messages").fetchall()[0][0]
+        if lowest is None or lowest >= first:
+            return  # everything between was purged
+    raise StaggerError(
+        f"{path} is damaged: reading after seq {after} gave seqnos {first}..{last} in {len(rows)} rows, "
+        f"not a contiguous run; `stagger-sqlite check {path}` reports what is readable"
+    )
 
 
 def file_bytes(path: str) -> int:

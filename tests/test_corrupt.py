@@ -98,7 +98,56 @@ def run_damaged(path):
     return out
 
 
-def damage_variants(pages, size, rnd):
+def _varint(buf, i):
+    """SQLite's big-endian varint at ``buf[i]``: (value, next index)."""
+    value = 0
+    for k in range(9):
+        b = buf[i + k]
+        if k == 8:
+            return (value << 8) | b, i + 9
+        value = (value << 7) | (b & 0x7F)
+        if b < 0x80:
+            return value, i + k + 1
+    raise AssertionError("unreachable")
+
+
+def table_leaves(path, size):
+    """(page number, first rowid) of every table b-tree leaf page with cells."""
+    out = []
+    with open(path, "rb") as f:
+        data = f.read()
+    for page in range(1, len(data) // size + 1):
+        base = (page - 1) * size
+        head = base + (100 if page == 1 else 0)
+        if data[head] != 0x0D or int.from_bytes(data[head + 3 : head + 5], "big") == 0:
+            continue
+        cell = base + int.from_bytes(data[head + 8 : head + 10], "big")
+        _, i = _varint(data, cell)  # payload size
+        rowid, _ = _varint(data, i)
+        out.append((page, rowid))
+    return out
+
+
+def swap_pages(size, a, b):
+    """Damage that SQLite's own checks do not see: two whole, valid leaf
+    pages trade places, so a forward scan meets lower seqnos after higher
+    ones (a consumer following ``seq > position`` would go round forever)."""
+
+    def f(path):
+        with open(path, "r+b") as fh:
+            fh.seek((a - 1) * size)
+            page_a = fh.read(size)
+            fh.seek((b - 1) * size)
+            page_b = fh.read(size)
+            fh.seek((a - 1) * size)
+            fh.write(page_b)
+            fh.seek((b - 1) * size)
+            fh.write(page_a)
+
+    return f
+
+
+def damage_variants(pages, size, rnd, leaves=()):
     """(name, function(path)) pairs, each damaging a fresh copy."""
 
     def overwrite(page, data_fn, start=0):
@@ -115,6 +164,10 @@ def damage_variants(pages, size, rnd):
         out.append((f"junk page {p}", overwrite(p, os.urandom)))
         p = rnd.randint(2, pages)
         out.append((f"zeroed page {p}", overwrite(p, lambda n: b"\0" * n)))
+    if len(leaves) >= 2:
+        ordered = sorted(leaves, key=lambda pr: pr[1])
+        low, high = ordered[len(ordered) // 4], ordered[-2]
+        out.append((f"leaf pages {low[0]} and {high[0]} swapped", swap_pages(size, low[0], high[0])))
     out.append(("junk in page 1 after the header", overwrite(1, os.urandom, 100)))
     out.append(("zeroed page 1 after the header", overwrite(1, lambda n: b"\0" * n, 100)))
     out.append(("truncated to half", lambda path: os.truncate(path, (pages // 2) * size)))
@@ -130,7 +183,8 @@ def test_damaged_pages_give_a_clear_error_never_a_hang(tmp_path):
     pages, size = make_queue(pristine)
     outcomes = {}
     flagged = 0
-    variants = damage_variants(pages, size, rnd)
+    variants = damage_variants(pages, size, rnd, table_leaves(pristine, size))
+    assert any("swapped" in name for name, _ in variants)
     for i, (name, damage) in enumerate(variants):
         path = str(tmp_path / f"d{i}.db")
         with open(pristine, "rb") as src, open(path, "wb") as dst:
@@ -139,6 +193,11 @@ def test_damaged_pages_give_a_clear_error_never_a_hang(tmp_path):
         check = run_check(path)  # before anything else opens (and perhaps repairs) it
         out = run_damaged(path)
         outcomes[name] = out.get("error", "read")
+        if "swapped" in name:
+            # Valid pages in the wrong place: SQLite reads them without
+            # complaint; the queue must notice the broken run of seqnos
+            # rather than skip messages silently or go round forever.
+            assert out.get("error") == "StaggerError" and "damaged" in out["message"], (name, out)
         if "error" in out:
             assert check.returncode != 0, f"{name}: unreadable, yet `check` says ok"
         flagged += check.returncode != 0
@@ -276,3 +335,38 @@ def fuzz_decoders(n):
             finally:
                 armed[0] = False
     print(json.dumps({"inputs": 2 * n, "values": values, "errors": errors, "events": events[:5]}))
+
+
+def test_misplaced_page_stops_readers_and_members_with_a_clear_error(tmp_path):
+    """A page moved elsewhere in the file reads as valid rows; consumers
+    (plain and group) must refuse the hole, never skip messages silently."""
+    path = str(tmp_path / "q.db")
+    pages, size = make_queue(path)
+    ordered = sorted(table_leaves(path, size), key=lambda pr: pr[1])
+    low, high = ordered[len(ordered) // 4], ordered[-2]
+    swap_pages(size, low[0], high[0])(path)
+    with StaggerQueue(path) as q:
+        seen = []
+        with pytest.raises(StaggerError, match="damaged"):
+            for seq, _ in q.consume(0, wait=False, batch=100):
+                seen.append(seq)
+        assert seen == list(range(1, len(seen) + 1)), "messages were skipped before the error"
+        with pytest.raises(StaggerError, match="damaged"):
+            with q.consume(group="g", wait=False, batch=100) as c:
+                for _ in c:
+                    pass
+
+
+def test_purged_prefix_is_not_mistaken_for_damage(qpath):
+    """The run may start above ack + 1 when the head was purged, also
+    between two pages of one consumer."""
+    with StaggerQueue(qpath) as q:
+        q.write_many(range(1, 301))
+        c = q.consume(0, wait=False, batch=10)
+        first = [next(c) for _ in range(10)]
+        q.purge(200)
+        rest = list(c)
+        assert [s for s, _ in first] == list(range(1, 11))
+        assert [s for s, _ in rest] == list(range(201, 301))
+        with q.consume(group="late", wait=False, batch=7) as g:
+            assert [s for s, _ in g] == list(range(201, 301))
