@@ -259,10 +259,14 @@ def cmd_forward(args: argparse.Namespace) -> int:
     return forward(args.path, args.url, codec=args.codec, timeout=args.timeout, lease=args.lease)
 
 
+#: Seconds per measurement of ``bench --quick``.
+QUICK_SECONDS = 0.5
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import quick
 
-    return quick(seconds=args.seconds, directory=args.dir)
+    return quick(seconds=QUICK_SECONDS if args.quick else args.seconds, directory=args.dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -421,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     codec(p)
     verbose(p)
 
-    p = command("bench", cmd_bench, "a quick benchmark of this machine", f"{PROG} bench --seconds 2", path=False)
+    p = command("bench", cmd_bench, "a quick benchmark of this machine (beside the peers: tox -e bench)",
+                f"{PROG} bench --quick", path=False)
     p.add_argument("--seconds", type=_seconds, default=2.0, help="seconds per measurement (default 2)")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_SECONDS:g} s per measurement, a few seconds in all")
     p.add_argument("--dir", help="directory for the scratch queue files (default: a temp dir)")
 
     p = command("demo", cmd_demo, "producers and a worker pool on a local queue, with a live display",

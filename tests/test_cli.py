@@ -200,6 +200,14 @@ def test_bench_runs(tmp_path):
     assert "write_many" in r.stdout
 
 
+def test_bench_quick_measures_every_operation_and_leaves_nothing(tmp_path):
+    r = run("bench", "--quick", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    for operation in ("durability=full", "durability=normal", "write_many", "consume(ack)", "group"):
+        assert operation in r.stdout, (operation, r.stdout)
+    assert os.listdir(tmp_path) == []  # the scratch queues are removed
+
+
 def test_write_shows_progress_on_a_terminal_for_large_input(qpath):
     import pty
 
