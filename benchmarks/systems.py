@@ -118,7 +118,21 @@ def _sqlite3_fsyncs(conn: Any) -> bool:
     return conn.execute("PRAGMA synchronous").fetchall()[0][0] >= 2
 
 
-class PQAck:
+class TakeDrain:
+    """``drain`` for the peers that only offer take-one (and ack-one): each
+    message taken and acked in turn (``done`` is a no-op for peers without
+    acks)."""
+
+    def drain(self, n: int) -> Iterator[Any]:
+        for _ in range(n):
+            item = self.take()  # type: ignore[attr-defined]
+            if item is None:
+                return
+            self.done(item[1])  # type: ignore[attr-defined]
+            yield item[0]
+
+
+class PQAck(TakeDrain):
     """persist-queue ``SQLiteAckQueue`` (pickle; SQLite's default FULL)."""
 
     label = "persist-queue SQLiteAckQueue"
@@ -149,19 +163,11 @@ class PQAck:
     def done(self, token: Any) -> None:
         self.q.ack(id=token)
 
-    def drain(self, n: int) -> Iterator[Any]:
-        for _ in range(n):
-            item = self.take()
-            if item is None:
-                return
-            self.done(item[1])
-            yield item[0]
-
     def close(self) -> None:
         self.q.close()
 
 
-class PQ:
+class PQ(TakeDrain):
     """persist-queue ``SQLiteQueue`` (pickle; get deletes; no ack)."""
 
     label = "persist-queue SQLiteQueue"
@@ -196,18 +202,11 @@ class PQ:
     def done(self, token: Any) -> None:
         pass
 
-    def drain(self, n: int) -> Iterator[Any]:
-        for _ in range(n):
-            item = self.take()
-            if item is None:
-                return
-            yield item[0]
-
     def close(self) -> None:
         self.q.close()
 
 
-class Lite:
+class Lite(TakeDrain):
     """litequeue (JSON text; synchronous NORMAL; pop locks, done finishes)."""
 
     label = "litequeue"
@@ -236,19 +235,11 @@ class Lite:
     def done(self, token: Any) -> None:
         self.q.done(token)
 
-    def drain(self, n: int) -> Iterator[Any]:
-        for _ in range(n):
-            item = self.take()
-            if item is None:
-                return
-            self.done(item[1])
-            yield item[0]
-
     def close(self) -> None:
         self.q.close()
 
 
-class DCDeque:
+class DCDeque(TakeDrain):
     """diskcache ``Deque`` (pickle; synchronous NORMAL; no ack)."""
 
     label = "diskcache Deque"
@@ -274,13 +265,6 @@ class DCDeque:
 
     def done(self, token: Any) -> None:
         pass
-
-    def drain(self, n: int) -> Iterator[Any]:
-        for _ in range(n):
-            item = self.take()
-            if item is None:
-                return
-            yield item[0]
 
     def close(self) -> None:
         self.q._cache.close()

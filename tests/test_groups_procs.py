@@ -159,22 +159,28 @@ def test_member_killed_mid_batch_loses_nothing(qpath):
         wait_for(lambda: q.groups()["g"].acked == 100, 30)
 
 
+def run_killing_members(q, qpath, target, log, killer, max_attempts, messages=20):
+    """Start members one after another (each may die on the killer) until
+    the group has finished all ``messages``; a deadline, never a hang."""
+    deadline = time.monotonic() + 120
+    while True:
+        info = q.groups().get("g")
+        if info is not None and info.acked == messages:
+            return
+        assert time.monotonic() < deadline, f"not finished: {info}"
+        p = CTX.Process(target=target, args=(qpath, log, killer, 10, 1.5, max_attempts))
+        p.start()
+        p.join(60)
+        assert p.exitcode in (0, 3)
+
+
 def test_message_that_kills_its_worker_is_dead_lettered_alone(qpath, tmp_path):
     log = str(tmp_path / "starts.log")
     max_attempts, killer = 3, 5
     with StaggerQueue(qpath, durability="normal") as q:
         q.write_many([{"n": i} for i in range(1, 21)])
-    deadline = time.monotonic() + 120
     with StaggerQueue(qpath) as q:
-        while True:
-            info = q.groups().get("g")
-            if info is not None and info.acked == 20:
-                break
-            assert time.monotonic() < deadline, f"not finished: {info}"
-            p = CTX.Process(target=killing_member, args=(qpath, log, killer, 10, 1.5, max_attempts))
-            p.start()
-            p.join(60)
-            assert p.exitcode in (0, 3)
+        run_killing_members(q, qpath, killing_member, log, killer, max_attempts)
         [dead] = q.dead_letters("g")
         assert (dead.seq, dead.msg, dead.attempts) == (killer, {"n": killer}, max_attempts)
         assert "lease" in dead.error
@@ -214,17 +220,8 @@ def test_list_that_kills_its_worker_dead_letters_only_the_killer(qpath, tmp_path
     max_attempts, killer = 3, 5
     with StaggerQueue(qpath, durability="normal") as q:
         q.write_many([{"n": i} for i in range(1, 21)])
-    deadline = time.monotonic() + 120
     with StaggerQueue(qpath) as q:
-        while True:
-            info = q.groups().get("g")
-            if info is not None and info.acked == 20:
-                break
-            assert time.monotonic() < deadline, f"not finished: {info}"
-            p = CTX.Process(target=killing_batch_member, args=(qpath, log, killer, 10, 1.5, max_attempts))
-            p.start()
-            p.join(60)
-            assert p.exitcode in (0, 3)
+        run_killing_members(q, qpath, killing_batch_member, log, killer, max_attempts)
         [dead] = q.dead_letters("g")
         assert (dead.seq, dead.attempts) == (killer, max_attempts) and "lease" in dead.error
         info = q.groups()["g"]
