@@ -10,51 +10,71 @@ same file.
 Why not ``FileLock`` itself: it opens and closes the lock file on every
 acquire (about 64 µs, half a durable commit) and a blocked waiter polls every
 50 ms. We keep one descriptor open for the life of the queue and hand it to
-``filelock.lock_descriptor``; a blocked waiter polls in short steps, or when it
-may wait forever, sleeps in the kernel and is woken the moment the lock is
-released. Waiting processes announce themselves on bytes of the lock file
-(POSIX record locks, independent of the flock), so that a process writing
-back to back hands the lock over instead of starving them
+``filelock.lock_descriptor``. Each release rewrites one byte of the lock file
+(the *ring*): a waiting writer sleeps on it through inotify and wakes about
+20 µs after the release, in its own thread, with its timeout still honoured
+(a blocking ``flock`` has no timeout). The same ring wakes waiting consumers
+(``wakeup.py``). Waiting processes announce themselves on other bytes of the
+lock file (POSIX record locks, independent of the flock), so that a process
+writing back to back hands the lock over instead of starving them
 (``WriterLock.acquire``).
 """
 
 from __future__ import annotations
 
-import errno
 import os
+import struct
+import sys
 import time
 from typing import Optional
 
 import filelock
 
 from .errors import LockTimeoutError
+from .inotify import Bell
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-#: Longest sleep between two attempts of a waiter with a deadline. Short, so a
-#: released lock is taken again within about a millisecond.
+#: Longest a waiter sleeps between two attempts when no release rang (the
+#: holder is a tool outside stagger_sqlite, or died, or there is no inotify).
 MAX_POLL = 0.001
-#: First sleep of a waiter, and the sleep between attempts while the wait is
-#: young (the lock is likely changing hands between writers every commit).
-MIN_POLL = 0.00005
+#: The first sleeps of a waiter without inotify, while the lock is likely
+#: changing hands between writers every commit.
 FAST_POLL = 0.0001
 FAST_FOR = 0.05
 #: A writer that released the lock less than RECENT seconds ago is writing
 #: back to back; once it has done so for SLICE seconds and others wait, it
-#: first sleeps COURTESY (longer than a waiter's FAST_POLL, so one of them
-#: takes the lock in between).
+#: steps aside: it waits for the next release, or COURTESY seconds at most.
 RECENT = 0.002
 SLICE = 0.001
 COURTESY = 0.0003
+#: A writer in its slice tells waiters (in its release ring) that it will be
+#: back within COMEBACK seconds, and they leave it the lock until then:
+#: handing the lock over costs more (a wake-up, and SQLite re-reading what
+#: the other process changed) than a writer's own pause between two writes.
+COMEBACK = 0.0002
+#: Where in the lock file that deadline is written (a native double of
+#: ``time.monotonic()``, the same clock in every process of the machine).
+BACK_BY_AT = 8
+_BACK_BY = struct.Struct("d")
 #: Bytes of the lock file that waiters lock (shared) to announce themselves:
 #: every waiter on WAITER_BYTE, those waiting for STARVE seconds or more also
 #: on STARVING_BYTE (they get the lock first).
 WAITER_BYTE = 1
 STARVING_BYTE = 2
 STARVE = 0.004
+
+#: ``waiting()``: nobody, some waiter, a starving waiter.
+NOBODY, WAITING, STARVING = 0, 1, 2
+
+#: Linux ``struct flock`` for F_GETLK (l_type, l_whence, l_start, l_len,
+#: l_pid): one syscall tests both announcement bytes. Elsewhere the layout
+#: differs and two lockf calls a byte do the test.
+_FLOCK = struct.Struct("hhqqi4x") if sys.platform.startswith("linux") and fcntl is not None else None
+_ANY_WAITER = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, WAITER_BYTE, 2, 0) if _FLOCK is not None else b""
 
 
 def open_lock_file(lock_path: str, mode: int) -> int:
@@ -84,57 +104,78 @@ class WriterLock:
         self.fd: Optional[int] = open_lock_file(lock_path, mode)
         self._released_at = -1e9
         self._run_start = 0.0
+        #: Wakes a waiter at the next release; made at the first wait.
+        self._bell: Optional[Bell] = None
+        self._bell_tried = False
+        #: Still announced as a waiter although holding the lock (see _wait).
+        self._announced = False
 
-    def acquire(self, timeout: Optional[float]) -> None:
+    def acquire(self, timeout: Optional[float]) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds (``None``: forever).
+
+        Returns True when it had to wait (others held it, or we stepped aside).
+
+        A waiter sleeps until a release rings (``release`` rewrites a byte of
+        the lock file and inotify wakes the sleeper in about 20 µs), or
+        ``MAX_POLL`` seconds when no ring comes; without inotify it polls.
 
         Fair hand-off: a writer that has been taking the lock back to back for
         ``SLICE`` seconds and finds other processes waiting for it steps aside
         once (it waits its turn like them) instead of taking it straight
         back; otherwise a busy producer would re-take the lock within
-        microseconds of each release and the others, which can only notice a
-        release by polling, would starve (tens of milliseconds at p99 with 4
-        producers). The slice keeps most hand-offs, which leave the lock idle
-        for a poll's time, off the path of each commit. Among waiters, those
-        that have waited ``STARVE`` seconds go first: the others (and any
-        newcomer) leave the lock to them, so no waiter loses round after round.
+        microseconds of each release and the others would starve. Among
+        waiters, those that have waited ``STARVE`` seconds go first: the
+        others (and any newcomer) leave the lock to them, so no waiter loses
+        round after round.
 
         Raises:
             LockTimeoutError: another writer held it for the whole timeout.
         """
-        fd = self._fd()
+        fd = self.fd
+        if fd is None:
+            raise ValueError("writer lock is closed")
         now = time.monotonic()
         if now - self._released_at >= RECENT:
             self._run_start = now  # not back to back: a new run of writes
-        courteous = self._others_announce(STARVING_BYTE) or (
-            now - self._run_start >= SLICE and self._others_announce(WAITER_BYTE)
-        )
+        try:  # waiting() in one syscall, inlined: the common case
+            alone = _FLOCK is not None and _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, _ANY_WAITER))[0] == fcntl.F_UNLCK
+        except OSError:  # no POSIX locks here (some network file systems)
+            alone = False
+        waiting = NOBODY if alone else self.waiting()
+        courteous = waiting == STARVING or (waiting == WAITING and now - self._run_start >= SLICE)
         if not courteous and filelock.lock_descriptor(fd, blocking=False):
-            return
-        self._wait(fd, timeout, first_pause=COURTESY if courteous else MIN_POLL)
+            return False
+        self._wait(fd, timeout, courteous)
         self._run_start = time.monotonic()
+        return True
 
-    def _wait(self, fd: int, timeout: Optional[float], first_pause: float) -> None:
-        """Poll for the lock while announcing ourselves as a waiter.
-
-        With no timeout the kernel wakes us at release. With one, waiters
-        poll often (``FAST_POLL``) for the first ``FAST_FOR`` seconds, when the
-        lock is being handed round among writers and each hand-off should be
-        prompt; a wait longer than that means a long transaction, and polling
-        slows down to ``MAX_POLL``.
-        """
+    def _wait(self, fd: int, timeout: Optional[float], courteous: bool) -> None:
+        """Wait for the lock while announcing ourselves as a waiter."""
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        pause = first_pause
+        bell = self._ring_bell()
+        pause = COURTESY if courteous else (MAX_POLL if bell is not None else FAST_POLL / 2)
         starving = False
+        got = False
         self._announce(WAITER_BYTE, True)
         try:
-            if timeout is None and fcntl is not None:
-                if first_pause > MIN_POLL:
-                    time.sleep(first_pause)  # our courtesy: let a waiter in first
+            if bell is None and timeout is None and fcntl is not None:
+                if courteous:
+                    time.sleep(COURTESY)  # let a waiter in first
                 fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel wakes us at release
+                got = True
                 return
+            try_now = not courteous
             while True:
+                if bell is not None:
+                    bell.clear()  # before the attempt: a release after it wakes us
+                holder_back_in = 0.0 if starving or not try_now else self._back_by() - time.monotonic()
+                if holder_back_in > 0:
+                    pause = min(holder_back_in, COMEBACK)  # leave the lock to its holder's slice
+                elif try_now and (starving or self.waiting() != STARVING) and filelock.lock_descriptor(fd, blocking=False):
+                    got = True
+                    return
+                try_now = True
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -142,34 +183,76 @@ class WriterLock:
                             f"waited {timeout:g} s for the writer lock {self.path}; nothing was written"
                         )
                     pause = min(pause, remaining)
-                time.sleep(pause)
-                waited = time.monotonic() - start
-                if not starving and waited >= STARVE:
+                if holder_back_in > 0:
+                    # Not on the bell: it rings at each of the holder's
+                    # commits, and waking three waiters per commit would take
+                    # the CPU the holder needs.
+                    time.sleep(pause)
+                elif bell is not None:
+                    bell.wait(pause)
+                    pause = MAX_POLL
+                else:
+                    time.sleep(pause)
+                    waited = time.monotonic() - start
+                    pause = FAST_POLL if waited < FAST_FOR else min(max(pause, FAST_POLL) * 2, MAX_POLL)
+                if not starving and time.monotonic() - start >= STARVE:
                     starving = True
                     self._announce(STARVING_BYTE, True)
-                if (starving or not self._others_announce(STARVING_BYTE)) and filelock.lock_descriptor(
-                    fd, blocking=False
-                ):
-                    return
-                if waited < FAST_FOR:
-                    pause = FAST_POLL
-                else:
-                    pause = min(max(pause, FAST_POLL) * 2, MAX_POLL)
         finally:
             if starving:
                 self._announce(STARVING_BYTE, False)
+            if got:
+                # Withdrawn at release: off the path from hand-off to commit.
+                # Holding the lock, we are nobody's competitor meanwhile.
+                self._announced = True
+            else:
+                self._announce(WAITER_BYTE, False)
+
+    def release(self, news: bool = True) -> None:
+        """Release the lock and ring: rewrite bytes of the lock file, which
+        wakes (inotify IN_MODIFY) the consumers waiting for news and the
+        writers waiting for the lock. Without ``news`` it rings only when
+        some writer waits. What it writes is when we will be back, if we are
+        in our slice (``COMEBACK``); the lock itself never depends on the
+        file's content. A ring is a hint: if it fails (a full disk), waiters
+        still look again within their safety poll, and the write stands.
+        """
+        fd = self.fd
+        if fd is None:
+            raise ValueError("writer lock is closed")
+        filelock.unlock_descriptor(fd)
+        now = self._released_at = time.monotonic()
+        if news or self.waiting():
+            end = self._run_start + SLICE
+            try:
+                os.pwrite(fd, _BACK_BY.pack(min(end, now + COMEBACK) if end > now else 0.0), BACK_BY_AT)
+            except OSError:
+                pass
+        if self._announced:
+            self._announced = False
             self._announce(WAITER_BYTE, False)
 
-    def release(self) -> None:
-        filelock.unlock_descriptor(self._fd())
-        self._released_at = time.monotonic()
+    def _back_by(self) -> float:
+        """When the last holder said it would be back (0.0: it did not)."""
+        try:
+            data = os.pread(self._fd(), _BACK_BY.size, BACK_BY_AT)
+        except OSError:
+            return 0.0
+        return _BACK_BY.unpack(data)[0] if len(data) == _BACK_BY.size else 0.0
+
+    def _ring_bell(self) -> Optional[Bell]:
+        if not self._bell_tried:
+            self._bell_tried = True
+            self._bell = Bell.open(self.path)
+        return self._bell
 
     # Waiters announce themselves with a shared POSIX record lock on one byte
-    # of the lock file (beyond the byte ring() rewrites). POSIX record locks
-    # and flock locks are independent on Linux and the BSDs, so this never
-    # touches the writer lock itself; it is only a hint, and if it is lost
-    # (POSIX locks drop when the process closes any descriptor of the file)
-    # the only cost is a less fair hand-off.
+    # of the lock file (beyond the byte release() rewrites). POSIX record
+    # locks and flock locks are independent on Linux and the BSDs, so this
+    # never touches the writer lock itself; it is only a hint, and if it is
+    # lost (POSIX locks drop when the process closes any descriptor of the
+    # file) the only cost is a less fair hand-off. A process never sees its
+    # own announcements (POSIX locks never conflict within a process).
 
     def _announce(self, byte: int, on: bool) -> None:
         if fcntl is None:  # pragma: no cover - Windows
@@ -179,10 +262,45 @@ class WriterLock:
         except OSError:
             pass
 
+    def waiting(self) -> int:
+        """Who else waits for the lock: ``NOBODY``, ``WAITING`` or ``STARVING``.
+
+        Asked before every acquire, so on Linux it is one F_GETLK syscall
+        while nobody waits."""
+        if fcntl is None:  # pragma: no cover - Windows
+            return NOBODY
+        if _FLOCK is None:  # pragma: no cover - not Linux
+            if self._others_announce(STARVING_BYTE):
+                return STARVING
+            return WAITING if self._others_announce(WAITER_BYTE) else NOBODY
+        try:
+            answer = fcntl.fcntl(self._fd(), fcntl.F_GETLK, _ANY_WAITER)
+        except OSError:
+            return NOBODY
+        kind, _whence, start, length, _pid = _FLOCK.unpack(answer)
+        if kind == fcntl.F_UNLCK:
+            return NOBODY
+        if start <= STARVING_BYTE and (length == 0 or STARVING_BYTE < start + length):
+            return STARVING
+        return STARVING if self._test(STARVING_BYTE, 1) is not None else WAITING
+
+    def _test(self, start: int, length: int) -> Optional[tuple]:
+        """(start, length) of another process's lock on the range, or None."""
+        assert _FLOCK is not None
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        try:
+            answer = fcntl.fcntl(self._fd(), fcntl.F_GETLK, query)
+        except OSError:
+            return None
+        kind, _whence, got_start, got_length, _pid = _FLOCK.unpack(answer)
+        return None if kind == fcntl.F_UNLCK else (got_start, got_length)
+
     def _others_announce(self, byte: int) -> bool:
         """True when another process holds its announcement on ``byte``."""
         if fcntl is None:  # pragma: no cover - Windows
             return False
+        if _FLOCK is not None:
+            return self._test(byte, 1) is not None
         fd = self._fd()
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
@@ -191,19 +309,10 @@ class WriterLock:
         fcntl.lockf(fd, fcntl.LOCK_UN, 1, byte)
         return False
 
-    def ring(self) -> None:
-        """Touch the lock file so watchers of it learn that a commit happened.
-
-        One byte rewritten in place: the file's content never matters to the
-        lock, and the write is what file-change notifications report.
-        """
-        try:
-            os.pwrite(self._fd(), b"\0", 0)
-        except OSError as e:  # a full disk must not fail a write that committed
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                raise
-
     def close(self) -> None:
+        bell, self._bell = self._bell, None
+        if bell is not None:
+            bell.close()
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)

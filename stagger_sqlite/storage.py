@@ -43,36 +43,46 @@ GATHER = 0.0
 FOREVER_MS = 2**31 - 1
 
 
-@contextlib.contextmanager
-def sqlite_errors(path: str) -> Iterator[None]:
-    """Map apsw's exceptions to ours. The only place that does.
+def storage_error(path: str, e: apsw.Error) -> Exception:
+    """Our exception for apsw's ``e`` about ``path``. The only place that maps.
 
     BusyError never escapes as such: "database is locked" becomes
     ``LockTimeoutError`` (our writers queue on the writer lock first, so SQLite
     reports busy only when something outside stagger_sqlite held the file for
-    the whole timeout).
+    the whole timeout). An error it does not know is returned unchanged.
     """
+    if isinstance(e, apsw.FullError):
+        return StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored")
+    if isinstance(e, (apsw.BusyError, apsw.LockedError)):
+        # Not SQLite's own words: "database is locked" is what users must never see.
+        return LockTimeoutError(
+            f"{path} was held by a writer outside stagger_sqlite's writer lock for the whole timeout; nothing was written"
+        )
+    if isinstance(e, apsw.ReadOnlyError):
+        return PermissionError(errno.EACCES, f"{path} is read-only here ({e}): writes are refused, reads still work", path)
+    if isinstance(e, apsw.NotADBError):
+        return NotAQueueError(f"{path} is not a SQLite file, so not a stagger_sqlite queue ({e})")
+    if isinstance(e, apsw.CorruptError):
+        return StaggerError(f"{path} is damaged ({e}); `stagger-sqlite check {path}` reports what is readable")
+    if isinstance(e, apsw.CantOpenError):
+        return PermissionError(errno.EACCES, f"cannot open {path} or its -wal/-shm files ({e})", path)
+    if isinstance(e, apsw.IOError):
+        if "disk is full" in str(e).lower():
+            return StorageFullError(f"{path}: the disk is full ({e}); nothing of this write was stored")
+        return StaggerError(f"{path}: I/O error ({e})")
+    return e
+
+
+@contextlib.contextmanager
+def sqlite_errors(path: str) -> Iterator[None]:
+    """Raise apsw's errors inside the block as ours (``storage_error``)."""
     try:
         yield
-    except apsw.FullError as e:
-        raise StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored") from None
-    except (apsw.BusyError, apsw.LockedError):
-        # Not SQLite's own words: "database is locked" is what users must never see.
-        raise LockTimeoutError(
-            f"{path} was held by a writer outside stagger_sqlite's writer lock for the whole timeout; nothing was written"
-        ) from None
-    except apsw.ReadOnlyError as e:
-        raise PermissionError(errno.EACCES, f"{path} is read-only here ({e}): writes are refused, reads still work", path) from None
-    except apsw.NotADBError as e:
-        raise NotAQueueError(f"{path} is not a SQLite file, so not a stagger_sqlite queue ({e})") from None
-    except apsw.CorruptError as e:
-        raise StaggerError(f"{path} is damaged ({e}); `stagger-sqlite check {path}` reports what is readable") from None
-    except apsw.CantOpenError as e:
-        raise PermissionError(errno.EACCES, f"cannot open {path} or its -wal/-shm files ({e})", path) from None
-    except apsw.IOError as e:
-        if "disk is full" in str(e).lower():
-            raise StorageFullError(f"{path}: the disk is full ({e}); nothing of this write was stored") from None
-        raise StaggerError(f"{path}: I/O error ({e})") from None
+    except apsw.Error as e:
+        mapped = storage_error(path, e)
+        if mapped is e:
+            raise
+        raise mapped from None
 
 
 # Every live Storage, so fork handlers can make each safe for the child.
@@ -102,8 +112,10 @@ def _after_fork_child() -> None:
     for s in _FORKING:
         # Other threads did not survive the fork; start from fresh locks.
         s._mutex = threading.RLock()
-        s._group = threading.Condition(threading.Lock())
+        s._group_lock = threading.Lock()
+        s._group = threading.Condition(s._group_lock)
         s._pending = []
+        s._waiting = 0
         s._leading = False
         s._crowd = 0
         s._leader = None
@@ -157,8 +169,10 @@ class Storage:
         self.mode = mode
         self._mutex = threading.RLock()
         # Group commit: writers queue in _pending; one leads at a time.
-        self._group = threading.Condition(threading.Lock())
+        self._group_lock = threading.Lock()
+        self._group = threading.Condition(self._group_lock)
         self._pending: List[_Job] = []
+        self._waiting = 0  # threads waiting on _group
         self._leading = False
         self._crowd = 0  # size of the last batch: >1 means threads contend
         self._leader: Optional[int] = None  # thread running a batch
@@ -326,6 +340,8 @@ class Storage:
         """Run ``fn(conn)`` in a ``BEGIN IMMEDIATE`` transaction, under the
         writer lock; commit if it returns, roll back if it raises. Returns
         only once the commit is durable (to the degree ``durability`` says).
+        ``notify``: wake the consumers waiting for news (``WriterLock.release``);
+        False for changes no consumer waits for.
 
         Group commit: threads of this process that write at the same time
         share one transaction and one fsync. One of them (the leader) runs
@@ -336,7 +352,9 @@ class Storage:
         fails, the whole transaction is rolled back and every writer in it
         gets the error: nothing of theirs is stored.
 
-        ``notify``: tell waiting consumers that something changed.
+        This is the path of every durable write, so it is kept short: code
+        run around a commit costs two to three times its usual time, because
+        the fsync has put the CPU to sleep (measured in issue 6).
 
         Raises:
             QueueClosedError: the storage was closed.
@@ -344,29 +362,56 @@ class Storage:
                 it, SQLite's write lock) stayed taken for ``timeout`` seconds.
             StorageFullError: the disk or size limit is full.
         """
-        if self._leader == threading.get_ident():
+        me = threading.get_ident()
+        if self._leader == me:
             # fn of a write in progress called write(): waiting for our own
             # batch would never end.
             raise RuntimeError(f"{self.path}: a write transaction cannot start another write")
-        job = _Job(fn, notify, time.monotonic())
-        with self._group:
+        started = time.monotonic()
+        group_lock = self._group_lock
+        with group_lock:
+            # Alone: no other thread of ours writes now, nor did in the last
+            # batch. The common case, and the short path.
+            solo = not self._leading and not self._pending and self._crowd <= 1
+            if solo:
+                self._leading = True
+                self._leader = me
+        if not solo:
+            return self._write_in_group(_Job(fn, notify, started))
+        try:
+            return self._transaction(fn, notify, started)
+        finally:
+            with group_lock:
+                self._leader = None
+                self._leading = False
+                if self._waiting:
+                    self._group.notify_all()
+
+    def _write_in_group(self, job: "_Job") -> T:
+        """``write`` when other threads of this process write too: join the
+        waiting writers, or lead them all in one transaction."""
+        with self._group_lock:
             self._pending.append(job)
-            try:
-                while self._leading and not job.done:
-                    self._group.wait()
-            except BaseException:  # KeyboardInterrupt while waiting
-                if job in self._pending:
-                    self._pending.remove(job)  # not taken yet: withdraw it
-                raise
+            if self._leading:
+                self._waiting += 1
+                try:
+                    while self._leading and not job.done:
+                        self._group.wait()
+                except BaseException:  # KeyboardInterrupt while waiting
+                    if job in self._pending:
+                        self._pending.remove(job)  # not taken yet: withdraw it
+                    raise
+                finally:
+                    self._waiting -= 1
             if not job.done:
                 # Lead: take every writer waiting now (ourselves included).
                 self._leading = True
                 if self._crowd > 1:
                     # The last batch's writers are coming back with their
                     # next writes: a moment's pause lets them join this one.
-                    self._group.release()
+                    self._group_lock.release()
                     time.sleep(GATHER)
-                    self._group.acquire()
+                    self._group_lock.acquire()
                 batch, self._pending = self._pending, []
                 self._crowd = len(batch)
                 self._leader = threading.get_ident()
@@ -374,38 +419,60 @@ class Storage:
             try:
                 self._commit_batch(batch, job)
             finally:
-                with self._group:
-                    self._leader = None
-                    self._leading = False
-                    self._group.notify_all()
+                self._end_lead()
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
 
+    def _end_lead(self) -> None:
+        with self._group_lock:
+            self._leader = None
+            self._leading = False
+            if self._waiting:
+                self._group.notify_all()
+
+    def _transaction(self, fn: Callable[[apsw.Connection], T], notify: bool, started: float) -> T:
+        """``fn(conn)`` between ``BEGIN IMMEDIATE`` and ``COMMIT``, under the
+        writer lock, within what is left of the timeout of a write that
+        started at ``started``. Rolls back and raises (mapped) if anything
+        fails. The caller leads (no other thread of ours is in here)."""
+        with self._mutex:
+            if self._closed:
+                raise QueueClosedError(f"queue {self.path} is closed")
+            conn = self._conn or self._connection()
+            lock = self._lock or self._writer_lock()
+            timeout = self.timeout
+            remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            waited = lock.acquire(remaining)
+            # SQLite's own wait (for programs that bypass our lock) gets what
+            # is left of the timeout, no more.
+            bound = remaining is not None and (waited or remaining < timeout - 0.01)  # type: ignore[operator]
+            news = False
+            try:
+                if bound:
+                    conn.set_busy_timeout(self._busy_ms(timeout - (time.monotonic() - started)))  # type: ignore[operator]
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        with contextlib.suppress(apsw.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+                news = notify
+                return result
+            except apsw.Error as e:
+                raise storage_error(self.path, e) from None
+            finally:
+                lock.release(news=news)
+                if bound:  # reads get the whole timeout again
+                    conn.set_busy_timeout(self._busy_ms(timeout))
+
     def _commit_batch(self, batch: List["_Job"], leader: "_Job") -> None:
         """Run ``batch`` in one transaction and settle every job in it."""
         try:
-            with self._mutex:
-                conn = self._open_conn()
-                lock = self._writer_lock()
-                # The earliest caller's deadline bounds the whole batch.
-                started = min(j.started for j in batch)
-                remaining = None if self.timeout is None else max(0.0, self.timeout - (time.monotonic() - started))
-                lock.acquire(remaining)
-                try:
-                    with sqlite_errors(self.path):
-                        if remaining is not None:
-                            conn.set_busy_timeout(self._busy_ms(self.timeout - (time.monotonic() - started)))
-                        self._run_batch(conn, batch)
-                finally:
-                    lock.release()
-                    if remaining is not None:  # reads get the whole timeout again
-                        conn.set_busy_timeout(self._busy_ms(self.timeout))
-                if any(j.notify for j in batch if j.error is None):
-                    # The batch has committed: a failed notification must not
-                    # make it look failed (a write that raises wrote nothing).
-                    with contextlib.suppress(OSError):
-                        lock.ring()
+            self._transaction(lambda conn: self._run_jobs(conn, batch), any(j.notify for j in batch), batch[0].started)
         except BaseException as e:
             for j in batch:
                 if j.error is None:
@@ -420,30 +487,19 @@ class Storage:
                 j.done = True
 
     @staticmethod
-    def _run_batch(conn: apsw.Connection, batch: List["_Job"]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if len(batch) == 1:
-                job = batch[0]
+    def _run_jobs(conn: apsw.Connection, batch: List["_Job"]) -> None:
+        """Each job in its own savepoint: a job's Python error undoes its
+        part only; SQLite's errors fail the whole transaction."""
+        for job in batch:
+            conn.execute("SAVEPOINT stagger_job")
+            try:
                 job.result = job.fn(conn)
-            else:
-                for job in batch:
-                    conn.execute("SAVEPOINT stagger_job")
-                    try:
-                        job.result = job.fn(conn)
-                    except apsw.Error:
-                        raise  # SQLite failed: the shared transaction fails
-                    except Exception as e:
-                        # The caller's own error: undo its part only.
-                        conn.execute("ROLLBACK TO stagger_job")
-                        job.error = e
-                    conn.execute("RELEASE stagger_job")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(apsw.Error):
-                    conn.execute("ROLLBACK")
-            raise
+            except apsw.Error:
+                raise
+            except Exception as e:
+                conn.execute("ROLLBACK TO stagger_job")
+                job.error = e
+            conn.execute("RELEASE stagger_job")
 
     def _open_conn(self) -> apsw.Connection:
         if self._closed:

@@ -1,7 +1,7 @@
 """Waiting for "something was written", across processes.
 
-Writers ring after each commit (``WriterLock.ring`` rewrites one byte of
-``<path>.lock``). A consumer that has caught up waits here until a ring, the
+Writers ring after each commit that brings news (``WriterLock.release``
+rewrites one byte of ``<path>.lock``). A consumer that has caught up waits here until a ring, the
 queue's close, or its deadline.
 
 How (Linux): one inotify instance per process watches the lock files that
@@ -36,10 +36,11 @@ import asyncio
 import contextlib
 import ctypes
 import os
-import struct
 import threading
 import weakref
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Set
+
+from . import inotify
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -52,11 +53,6 @@ SAFETY_POLL = 1.0
 MIN_POLL = 0.001
 MAX_POLL = 0.05
 
-IN_CLOEXEC = 0o2000000
-IN_MODIFY = 0x00000002
-IN_Q_OVERFLOW = 0x00004000
-IN_IGNORED = 0x00008000
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 
 
 # -- the close signal ------------------------------------------------------
@@ -102,34 +98,6 @@ def nonblocking() -> Iterator[None]:
         _local.nonblocking = before
 
 
-# -- inotify through libc (no dependency) ------------------------------------
-
-
-_LIBC: Optional[ctypes.CDLL] = None
-
-
-def _libc() -> Optional[ctypes.CDLL]:
-    """libc with the inotify calls, or None (loaded once per process)."""
-    global _LIBC
-    if _LIBC is not None:
-        return _LIBC
-    # dlopen(NULL) sees the libc Python is linked with; no find_library(),
-    # which would run ldconfig in a subprocess.
-    for name in (None, "libc.so.6"):
-        try:
-            libc = ctypes.CDLL(name, use_errno=True)
-            libc.inotify_init1  # noqa: B018 - AttributeError where there is none
-            libc.inotify_add_watch
-            libc.inotify_rm_watch
-        except (OSError, AttributeError):
-            continue
-        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-        _LIBC = libc
-        return libc
-    return None
-
-
 class _Channel:
     """The waiters of one watched lock file (one inotify watch) in this process."""
 
@@ -146,10 +114,7 @@ class _Hub:
     """The process's inotify instance and the thread that reads it."""
 
     def __init__(self, libc: ctypes.CDLL) -> None:
-        fd = libc.inotify_init1(IN_CLOEXEC)
-        if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
+        fd = inotify.init(libc)
         self.libc = libc
         self.fd = fd
         self.pid = os.getpid()
@@ -165,7 +130,7 @@ class _Hub:
         """A counted reference to the channel of ``path`` (None: cannot watch it)."""
         with self.lock:
             self._drain()
-            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY)
+            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(path), inotify.IN_MODIFY)
             if wd < 0:
                 return None
             ch = self.channels.get(wd)
@@ -223,12 +188,12 @@ class _Hub:
         gone: Set[int] = set()
         overflow = False
         offset = 0
-        while offset + _EVENT.size <= len(data):
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-            offset += _EVENT.size + length
-            if mask & IN_Q_OVERFLOW:
+        while offset + inotify.EVENT.size <= len(data):
+            wd, mask, _cookie, length = inotify.EVENT.unpack_from(data, offset)
+            offset += inotify.EVENT.size + length
+            if mask & inotify.IN_Q_OVERFLOW:
                 overflow = True
-            elif mask & IN_IGNORED:
+            elif mask & inotify.IN_IGNORED:
                 gone.add(wd)  # file deleted or watch removed: re-attach later
             else:
                 rung.add(wd)
@@ -260,7 +225,7 @@ def _hub() -> Optional[_Hub]:
         return hub
     with _HUB_LOCK:
         if _HUB is None and not _HUB_FAILED:
-            libc = None if os.environ.get("STAGGER_SQLITE_WAKEUP") == "poll" else _libc()
+            libc = inotify.libc()
             if libc is None:
                 _HUB_FAILED = True
             else:

@@ -2,13 +2,17 @@
 handed over so that a process writing back to back cannot starve another."""
 
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 
 import filelock
 import pytest
 
 from stagger_sqlite import LockTimeoutError, StaggerQueue
-from stagger_sqlite.lock import STARVING_BYTE, WAITER_BYTE, WriterLock
+from stagger_sqlite.inotify import Bell
+from stagger_sqlite.lock import COMEBACK, SLICE, STARVING_BYTE, WAITER_BYTE, WriterLock
 
 from .helpers import wait_for
 
@@ -85,3 +89,120 @@ def test_the_announcements_leave_the_flock_alone(qpath):
             assert time.monotonic() - started >= 0.2
         other.close()
         assert q.write({"after": True}) == 1
+
+
+# -- the ring: how a waiting writer learns that the lock was released ---------
+
+WRITE_ONCE = "import sys; from stagger_sqlite import StaggerQueue; StaggerQueue(sys.argv[1]).write('rung')"
+
+
+def test_a_release_in_another_process_wakes_a_sleeping_writer(qpath):
+    """Waiting writers sleep on the lock file (inotify) instead of polling:
+    a commit elsewhere wakes them long before their timeout."""
+    StaggerQueue(qpath).close()
+    bell = Bell.open(qpath + ".lock")
+    assert bell is not None, "inotify is available on Linux, where CI runs"
+    try:
+        bell.clear()
+        writer = subprocess.Popen([sys.executable, "-c", WRITE_ONCE, qpath])
+        started = time.monotonic()
+        bell.wait(30)
+        assert time.monotonic() - started < 30, "the release rang"
+        assert writer.wait(60) == 0
+        assert bell.clear()
+    finally:
+        bell.close()
+
+
+def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
+    """Commits no consumer waits for (purge, a new group) do not wake
+    consumers, unless a writer waits for the lock and must hear it."""
+    StaggerQueue(qpath).close()
+    lock = WriterLock(qpath + ".lock", 0o600)
+    bell = Bell.open(qpath + ".lock")
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    waiter = ctx.Process(target=announce_and_wait, args=(qpath + ".lock", WAITER_BYTE, ready, done))
+    try:
+        bell.clear()
+        lock.acquire(1)
+        lock.release(news=False)
+        assert not bell.clear(), "nobody waited: no ring"
+        lock.acquire(1)
+        lock.release(news=True)
+        assert bell.clear(), "news always rings"
+        waiter.start()
+        assert ready.wait(60)
+        lock.acquire(1)
+        lock.release(news=False)
+        assert bell.clear(), "a writer waits: it must hear the release"
+    finally:
+        done.set()
+        waiter.join(60)
+        bell.close()
+        lock.close()
+
+
+def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
+    """The release ring carries a deadline: waiters leave the lock to a writer
+    that is writing back to back, for at most COMEBACK seconds past its
+    release and never past its slice; after its slice it says nothing."""
+    StaggerQueue(qpath).close()
+    holder = WriterLock(qpath + ".lock", 0o600)
+    other = WriterLock(qpath + ".lock", 0o600)
+    try:
+        holder.acquire(1)
+        before = time.monotonic()
+        holder.release()
+        after = time.monotonic()
+        back_by = other._back_by()
+        assert before < back_by <= after + COMEBACK
+        assert back_by <= holder._run_start + SLICE
+        holder.acquire(1)
+        holder._run_start = time.monotonic() - 10 * SLICE  # its slice is over
+        holder.release()
+        assert other._back_by() == 0.0
+    finally:
+        holder.close()
+        other.close()
+
+
+def contend(path, n, out):
+    with StaggerQueue(path, durability="normal", timeout=60) as q:
+        out.put([q.write({"pid": os.getpid(), "i": i}) for i in range(n)])
+
+
+@pytest.mark.parametrize("wakeup", ["inotify", "poll"])
+def test_contending_writers_get_every_write_in_without_inotify_too(qpath, wakeup, monkeypatch):
+    """Four processes writing back to back: every write gets its own seqno,
+    whether waiters sleep on the ring or poll (STAGGER_SQLITE_WAKEUP=poll)."""
+    if wakeup == "poll":
+        monkeypatch.setenv("STAGGER_SQLITE_WAKEUP", "poll")
+    StaggerQueue(qpath).close()
+    ctx = mp.get_context("spawn")  # the environment is read afresh
+    out = ctx.Queue()
+    procs = [ctx.Process(target=contend, args=(qpath, 300, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    seqs = sorted(s for part in got for s in part)
+    assert seqs == list(range(1, 1201))
+    assert all(part == sorted(part) for part in got)
+
+
+def test_a_lock_that_slept_on_the_ring_still_works_after_fork(qpath):
+    StaggerQueue(qpath).close()
+    with StaggerQueue(qpath) as q:
+        q.write("before")
+        assert q._storage._writer_lock()._ring_bell() is not None
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=lambda: out.put(q.write("child")))
+        child.start()
+        assert out.get(timeout=60) == 2
+        child.join(60)
+        assert child.exitcode == 0
+        assert q.write("parent") == 3
