@@ -278,7 +278,7 @@ def w1(env: Env, names: List[str]) -> None:
     seconds here) hits every system alike. Throughput is all writes over all
     time; the ratio is the median, over the rounds, of the baseline's block
     time over the system's: paired blocks ran a fraction of a second apart."""
-    rounds = 6 if env.quick else 30
+    rounds = 6 if env.quick else 50
     block_fsync, block_fast = 100, 1000
     queues = {}
     for name in ["raw-full", "stagger-full", "raw-normal", "stagger-normal"] + [p for p in names if p in S.PEERS]:

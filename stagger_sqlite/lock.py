@@ -51,15 +51,18 @@ FAST_FOR = 0.05
 RECENT = 0.002
 SLICE = 0.001
 COURTESY = 0.0003
-#: A writer in its slice tells waiters (in its release ring) that it will be
-#: back within COMEBACK seconds, and they leave it the lock until then:
-#: handing the lock over costs more (a wake-up, and SQLite re-reading what
-#: the other process changed) than a writer's own pause between two writes.
+#: A writer in its slice says in its release ring when it will be back (at
+#: most COMEBACK seconds later) and when its slice ends; waiters leave it the
+#: lock until then, sleeping on a timer rather than on every ring: handing
+#: the lock over costs more (a wake-up, and SQLite re-reading what the other
+#: process changed) than a writer's own pause between two writes, and waking
+#: every waiter at every commit would take the CPU the holder needs.
 COMEBACK = 0.0002
-#: Where in the lock file that deadline is written (a native double of
-#: ``time.monotonic()``, the same clock in every process of the machine).
-BACK_BY_AT = 8
-_BACK_BY = struct.Struct("d")
+#: Where in the lock file the ring writes those two times: native doubles of
+#: ``time.monotonic()``, the same clock in every process of the machine.
+SLICE_INFO_AT = 8
+_SLICE_INFO = struct.Struct("dd")
+_NO_SLICE = _SLICE_INFO.pack(0.0, 0.0)
 #: Bytes of the lock file that waiters lock (shared) to announce themselves:
 #: every waiter on WAITER_BYTE, those waiting for STARVE seconds or more also
 #: on STARVING_BYTE (they get the lock first).
@@ -104,6 +107,11 @@ class WriterLock:
         self.fd: Optional[int] = open_lock_file(lock_path, mode)
         self._released_at = -1e9
         self._run_start = 0.0
+        #: This holder is writing on and on (back to back, or after a wait):
+        #: its release rings announce its slice.
+        self._in_run = False
+        #: Until when acquire() need not look for waiters (see there).
+        self._alone_until = 0.0
         #: Wakes a waiter at the next release; made at the first wait.
         self._bell: Optional[Bell] = None
         self._bell_tried = False
@@ -135,18 +143,28 @@ class WriterLock:
         if fd is None:
             raise ValueError("writer lock is closed")
         now = time.monotonic()
-        if now - self._released_at >= RECENT:
+        self._in_run = now - self._released_at < RECENT
+        if not self._in_run:
             self._run_start = now  # not back to back: a new run of writes
-        try:  # waiting() in one syscall, inlined: the common case
-            alone = _FLOCK is not None and _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, _ANY_WAITER))[0] == fcntl.F_UNLCK
-        except OSError:  # no POSIX locks here (some network file systems)
-            alone = False
-        waiting = NOBODY if alone else self.waiting()
+        if self._in_run and now < self._alone_until:
+            # Nobody waited when we looked, under SLICE ago, and we have
+            # written on since: whoever came since waits at most that long
+            # to be seen (which is what a slice promises anyway).
+            waiting = NOBODY
+        else:
+            try:  # waiting() in one syscall, inlined: the common case
+                alone = _FLOCK is not None and _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, _ANY_WAITER))[0] == fcntl.F_UNLCK
+            except OSError:  # no POSIX locks here (some network file systems)
+                alone = False
+            waiting = NOBODY if alone else self.waiting()
+            if waiting == NOBODY:
+                self._alone_until = now + SLICE
         courteous = waiting == STARVING or (waiting == WAITING and now - self._run_start >= SLICE)
         if not courteous and filelock.lock_descriptor(fd, blocking=False):
             return False
         self._wait(fd, timeout, courteous)
         self._run_start = time.monotonic()
+        self._in_run = True  # it had to wait: it contends, and gets its slice
         return True
 
     def _wait(self, fd: int, timeout: Optional[float], courteous: bool) -> None:
@@ -169,12 +187,17 @@ class WriterLock:
             while True:
                 if bell is not None:
                     bell.clear()  # before the attempt: a release after it wakes us
-                holder_back_in = 0.0 if starving or not try_now else self._back_by() - time.monotonic()
-                if holder_back_in > 0:
-                    pause = min(holder_back_in, COMEBACK)  # leave the lock to its holder's slice
-                elif try_now and (starving or self.waiting() != STARVING) and filelock.lock_descriptor(fd, blocking=False):
-                    got = True
-                    return
+                on_timer = 0.0  # > 0: sleep that long, not listening for rings
+                if try_now:
+                    back_by, slice_end = (0.0, 0.0) if starving else self._holder_slice()
+                    now = time.monotonic()
+                    if now < back_by:
+                        on_timer = back_by - now  # the holder is about to write again
+                    elif (starving or self.waiting() != STARVING) and filelock.lock_descriptor(fd, blocking=False):
+                        got = True
+                        return
+                    elif now < slice_end:
+                        on_timer = slice_end - now  # held within its slice: wait for the slice's end
                 try_now = True
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
@@ -183,11 +206,9 @@ class WriterLock:
                             f"waited {timeout:g} s for the writer lock {self.path}; nothing was written"
                         )
                     pause = min(pause, remaining)
-                if holder_back_in > 0:
-                    # Not on the bell: it rings at each of the holder's
-                    # commits, and waking three waiters per commit would take
-                    # the CPU the holder needs.
-                    time.sleep(pause)
+                    on_timer = min(on_timer, remaining)
+                if on_timer > 0:
+                    time.sleep(min(on_timer, SLICE))
                 elif bell is not None:
                     bell.wait(pause)
                     pause = MAX_POLL
@@ -225,20 +246,20 @@ class WriterLock:
         if news or self.waiting():
             end = self._run_start + SLICE
             try:
-                os.pwrite(fd, _BACK_BY.pack(min(end, now + COMEBACK) if end > now else 0.0), BACK_BY_AT)
+                os.pwrite(fd, _SLICE_INFO.pack(min(end, now + COMEBACK), end) if self._in_run and end > now else _NO_SLICE, SLICE_INFO_AT)
             except OSError:
                 pass
         if self._announced:
             self._announced = False
             self._announce(WAITER_BYTE, False)
 
-    def _back_by(self) -> float:
-        """When the last holder said it would be back (0.0: it did not)."""
+    def _holder_slice(self) -> tuple:
+        """(back by, slice end) of the last release that rang, or zeros."""
         try:
-            data = os.pread(self._fd(), _BACK_BY.size, BACK_BY_AT)
+            data = os.pread(self._fd(), _SLICE_INFO.size, SLICE_INFO_AT)
         except OSError:
-            return 0.0
-        return _BACK_BY.unpack(data)[0] if len(data) == _BACK_BY.size else 0.0
+            return (0.0, 0.0)
+        return _SLICE_INFO.unpack(data) if len(data) == _SLICE_INFO.size else (0.0, 0.0)
 
     def _ring_bell(self) -> Optional[Bell]:
         if not self._bell_tried:

@@ -179,7 +179,7 @@ class StaggerQueue:
         """
         body = codecs.encode(self._codec, msg)
         # partial, not a lambda: one Python frame less on the hottest path.
-        return self._storage.write(functools.partial(self._append_one, body))
+        return self._storage.write(functools.partial(self._append_one, body), may_raise=False)
 
     def write_many(self, msgs: Iterable[Any]) -> List[int]:
         """Append all messages in one transaction, all or none.
@@ -197,7 +197,7 @@ class StaggerQueue:
         if not bodies:
             self._storage.read(lambda conn: None)  # still refuse a closed queue
             return []
-        return self._storage.write(lambda conn: self._append(conn, bodies))
+        return self._storage.write(lambda conn: self._append(conn, bodies), may_raise=False)
 
     def _append(self, conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
         # Due scheduled messages first: they were due before this write.

@@ -34,10 +34,11 @@ from .wakeup import CloseEvent
 
 T = TypeVar("T")
 
-#: Seconds a group-commit leader waits for more writers when threads contend.
-#: Zero is enough: the sleep releases the GIL, and the threads the last commit
-#: released get to queue their next writes (batches grow from ~3 to ~7 of 8).
-GATHER = 0.0
+#: Longest a group-commit leader waits for the writers of the last batch to
+#: come back with their next writes (and never longer than half the last
+#: commit took): without it, the threads released by a commit trickle back
+#: one by one (each needs the GIL) and batches shrink to two or three.
+GATHER_MAX = 0.0002
 
 #: Milliseconds SQLite's own busy handler may wait when no timeout was given.
 FOREVER_MS = 2**31 - 1
@@ -114,6 +115,8 @@ def _after_fork_child() -> None:
         s._mutex = threading.RLock()
         s._group_lock = threading.Lock()
         s._group = threading.Condition(s._group_lock)
+        s._gather = threading.Condition(s._group_lock)
+        s._gathering = False
         s._pending = []
         s._waiting = 0
         s._leading = False
@@ -139,11 +142,12 @@ def _copy_error(e: BaseException) -> BaseException:
 class _Job:
     """One caller of ``Storage.write`` waiting for its transaction."""
 
-    __slots__ = ("fn", "notify", "started", "done", "result", "error")
+    __slots__ = ("fn", "notify", "may_raise", "started", "done", "result", "error")
 
-    def __init__(self, fn: Callable[[apsw.Connection], object], notify: bool, started: float) -> None:
+    def __init__(self, fn: Callable[[apsw.Connection], object], notify: bool, may_raise: bool, started: float) -> None:
         self.fn = fn
         self.notify = notify
+        self.may_raise = may_raise
         self.started = started
         self.done = False
         self.result: object = None
@@ -171,6 +175,9 @@ class Storage:
         # Group commit: writers queue in _pending; one leads at a time.
         self._group_lock = threading.Lock()
         self._group = threading.Condition(self._group_lock)
+        self._gather = threading.Condition(self._group_lock)  # the gathering leader waits here
+        self._gathering = False
+        self._last_commit = 0.0  # seconds the last batch's transaction took
         self._pending: List[_Job] = []
         self._waiting = 0  # threads waiting on _group
         self._leading = False
@@ -336,12 +343,14 @@ class Storage:
                 finally:
                     conn.execute("COMMIT")
 
-    def write(self, fn: Callable[[apsw.Connection], T], *, notify: bool = True) -> T:
+    def write(self, fn: Callable[[apsw.Connection], T], *, notify: bool = True, may_raise: bool = True) -> T:
         """Run ``fn(conn)`` in a ``BEGIN IMMEDIATE`` transaction, under the
         writer lock; commit if it returns, roll back if it raises. Returns
         only once the commit is durable (to the degree ``durability`` says).
         ``notify``: wake the consumers waiting for news (``WriterLock.release``);
-        False for changes no consumer waits for.
+        False for changes no consumer waits for. ``may_raise=False``: ``fn``
+        raises nothing but SQLite's errors (which fail the whole shared
+        transaction anyway), so in a batch it needs no savepoint of its own.
 
         Group commit: threads of this process that write at the same time
         share one transaction and one fsync. One of them (the leader) runs
@@ -377,7 +386,7 @@ class Storage:
                 self._leading = True
                 self._leader = me
         if not solo:
-            return self._write_in_group(_Job(fn, notify, started))
+            return self._write_in_group(_Job(fn, notify, may_raise, started))
         try:
             return self._transaction(fn, notify, started)
         finally:
@@ -392,6 +401,8 @@ class Storage:
         waiting writers, or lead them all in one transaction."""
         with self._group_lock:
             self._pending.append(job)
+            if self._gathering and len(self._pending) >= self._crowd:
+                self._gather.notify()
             if self._leading:
                 self._waiting += 1
                 try:
@@ -407,11 +418,7 @@ class Storage:
                 # Lead: take every writer waiting now (ourselves included).
                 self._leading = True
                 if self._crowd > 1:
-                    # The last batch's writers are coming back with their
-                    # next writes: a moment's pause lets them join this one.
-                    self._group_lock.release()
-                    time.sleep(GATHER)
-                    self._group_lock.acquire()
+                    self._gather_crowd(job)
                 batch, self._pending = self._pending, []
                 self._crowd = len(batch)
                 self._leader = threading.get_ident()
@@ -423,6 +430,27 @@ class Storage:
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
+
+    def _gather_crowd(self, job: "_Job") -> None:
+        """Wait (holding the group lock, as leader) until as many writers are
+        pending as the last batch had, GATHER_MAX or half the last commit at
+        most: one fsync then serves them all."""
+        limit = time.monotonic() + min(GATHER_MAX, self._last_commit / 2)
+        self._gathering = True
+        try:
+            while len(self._pending) < self._crowd:
+                left = limit - time.monotonic()
+                if left <= 0:
+                    break
+                self._gather.wait(left)
+        except BaseException:  # KeyboardInterrupt: withdraw, hand the lead on
+            if job in self._pending:
+                self._pending.remove(job)
+            self._leading = False
+            self._group.notify_all()
+            raise
+        finally:
+            self._gathering = False
 
     def _end_lead(self) -> None:
         with self._group_lock:
@@ -472,7 +500,9 @@ class Storage:
     def _commit_batch(self, batch: List["_Job"], leader: "_Job") -> None:
         """Run ``batch`` in one transaction and settle every job in it."""
         try:
+            began = time.monotonic()
             self._transaction(lambda conn: self._run_jobs(conn, batch), any(j.notify for j in batch), batch[0].started)
+            self._last_commit = time.monotonic() - began
         except BaseException as e:
             for j in batch:
                 if j.error is None:
@@ -488,9 +518,12 @@ class Storage:
 
     @staticmethod
     def _run_jobs(conn: apsw.Connection, batch: List["_Job"]) -> None:
-        """Each job in its own savepoint: a job's Python error undoes its
-        part only; SQLite's errors fail the whole transaction."""
+        """Each job that may raise in its own savepoint: its Python error
+        undoes its part only; SQLite's errors fail the whole transaction."""
         for job in batch:
+            if not job.may_raise:
+                job.result = job.fn(conn)
+                continue
             conn.execute("SAVEPOINT stagger_job")
             try:
                 job.result = job.fn(conn)

@@ -144,24 +144,28 @@ def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
 
 
 def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
-    """The release ring carries a deadline: waiters leave the lock to a writer
-    that is writing back to back, for at most COMEBACK seconds past its
-    release and never past its slice; after its slice it says nothing."""
+    """The release ring of a writer that writes on and on carries when it will
+    be back (at most COMEBACK after its release, never past its slice) and
+    when its slice ends: waiters leave it the lock until then. A lone write
+    and a writer whose slice is over announce nothing."""
     StaggerQueue(qpath).close()
     holder = WriterLock(qpath + ".lock", 0o600)
     other = WriterLock(qpath + ".lock", 0o600)
     try:
         holder.acquire(1)
+        holder.release()
+        assert other._holder_slice() == (0.0, 0.0), "a lone write keeps no slice"
+        holder.acquire(1)  # back to back: a run
         before = time.monotonic()
         holder.release()
         after = time.monotonic()
-        back_by = other._back_by()
-        assert before < back_by <= after + COMEBACK
-        assert back_by <= holder._run_start + SLICE
+        back_by, slice_end = other._holder_slice()
+        assert slice_end == holder._run_start + SLICE
+        assert before < back_by <= min(after + COMEBACK, slice_end)
         holder.acquire(1)
         holder._run_start = time.monotonic() - 10 * SLICE  # its slice is over
         holder.release()
-        assert other._back_by() == 0.0
+        assert other._holder_slice() == (0.0, 0.0)
     finally:
         holder.close()
         other.close()
