@@ -112,6 +112,10 @@ class WriterLock:
         self._in_run = False
         #: Until when acquire() need not look for waiters (see there).
         self._alone_until = 0.0
+        #: When we took the lock, and our last pause between a release and
+        #: our next acquire (not counting waits): whether we are lock-bound.
+        self._acquired_at = 0.0
+        self._gap = float("inf")
         #: Wakes a waiter at the next release; made at the first wait.
         self._bell: Optional[Bell] = None
         self._bell_tried = False
@@ -161,9 +165,12 @@ class WriterLock:
                 self._alone_until = now + SLICE
         courteous = waiting == STARVING or (waiting == WAITING and now - self._run_start >= SLICE)
         if not courteous and filelock.lock_descriptor(fd, blocking=False):
+            if self._in_run:
+                self._gap = now - self._released_at
+            self._acquired_at = now
             return False
         self._wait(fd, timeout, courteous)
-        self._run_start = time.monotonic()
+        self._acquired_at = self._run_start = time.monotonic()
         self._in_run = True  # it had to wait: it contends, and gets its slice
         return True
 
@@ -245,8 +252,13 @@ class WriterLock:
         now = self._released_at = time.monotonic()
         if news or self.waiting():
             end = self._run_start + SLICE
+            # A slice only for a writer bound by the lock: one that comes back
+            # sooner than COMEBACK and than it held the lock. A writer with
+            # work between its writes (a group member handling a batch) hands
+            # over at once, so that others work while it does.
+            bound = self._in_run and self._gap < COMEBACK and self._gap < now - self._acquired_at
             try:
-                os.pwrite(fd, _SLICE_INFO.pack(min(end, now + COMEBACK), end) if self._in_run and end > now else _NO_SLICE, SLICE_INFO_AT)
+                os.pwrite(fd, _SLICE_INFO.pack(min(end, now + COMEBACK), end) if bound and end > now else _NO_SLICE, SLICE_INFO_AT)
             except OSError:
                 pass
         if self._announced:

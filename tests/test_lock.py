@@ -144,10 +144,11 @@ def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
 
 
 def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
-    """The release ring of a writer that writes on and on carries when it will
-    be back (at most COMEBACK after its release, never past its slice) and
-    when its slice ends: waiters leave it the lock until then. A lone write
-    and a writer whose slice is over announce nothing."""
+    """The release ring of a writer bound by the lock (it comes back sooner
+    than it holds the lock) carries when it will be back (at most COMEBACK
+    after its release, never past its slice) and when its slice ends:
+    waiters leave it the lock until then. A lone write, a writer with work
+    between its writes and a writer whose slice is over announce nothing."""
     StaggerQueue(qpath).close()
     holder = WriterLock(qpath + ".lock", 0o600)
     other = WriterLock(qpath + ".lock", 0o600)
@@ -155,7 +156,8 @@ def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
         holder.acquire(1)
         holder.release()
         assert other._holder_slice() == (0.0, 0.0), "a lone write keeps no slice"
-        holder.acquire(1)  # back to back: a run
+        holder.acquire(1)  # straight back: a run, a short pause
+        time.sleep(COMEBACK)  # holds the lock longer than it paused
         before = time.monotonic()
         holder.release()
         after = time.monotonic()
@@ -166,6 +168,15 @@ def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
         holder._run_start = time.monotonic() - 10 * SLICE  # its slice is over
         holder.release()
         assert other._holder_slice() == (0.0, 0.0)
+
+        holder._released_at = -1e9  # a new run of a writer that works between writes
+        holder.acquire(1)
+        holder.release()
+        time.sleep(2 * COMEBACK)  # its work
+        holder.acquire(1)
+        time.sleep(COMEBACK)
+        holder.release()
+        assert other._holder_slice() == (0.0, 0.0), "it hands over at once"
     finally:
         holder.close()
         other.close()
