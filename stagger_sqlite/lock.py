@@ -26,7 +26,7 @@ import os
 import struct
 import sys
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import filelock
 
@@ -61,8 +61,8 @@ COMEBACK = 0.0002
 #: Where in the lock file the ring writes those two times: native doubles of
 #: ``time.monotonic()``, the same clock in every process of the machine.
 SLICE_INFO_AT = 8
-_SLICE_INFO = struct.Struct("dd")
-_NO_SLICE = _SLICE_INFO.pack(0.0, 0.0)
+_SLICE_INFO = struct.Struct("ddq")  # back by, slice end, pid of the writer
+_NO_SLICE = _SLICE_INFO.pack(0.0, 0.0, 0)
 #: Bytes of the lock file that waiters lock (shared) to announce themselves:
 #: every waiter on WAITER_BYTE, those waiting for STARVE seconds or more also
 #: on STARVING_BYTE (they get the lock first).
@@ -121,15 +121,17 @@ class WriterLock:
         self._bell_tried = False
         #: Still announced as a waiter although holding the lock (see _wait).
         self._announced = False
+        self._pid = os.getpid()  # a WriterLock never crosses a fork (reopened there)
 
     def acquire(self, timeout: Optional[float]) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds (``None``: forever).
 
         Returns True when it had to wait (others held it, or we stepped aside).
 
-        A waiter sleeps until a release rings (``release`` rewrites a byte of
+        A waiter sleeps until a release rings (``release`` rewrites bytes of
         the lock file and inotify wakes the sleeper in about 20 µs), or
         ``MAX_POLL`` seconds when no ring comes; without inotify it polls.
+        It leaves the lock to a writer in its slice (see ``release``).
 
         Fair hand-off: a writer that has been taking the lock back to back for
         ``SLICE`` seconds and finds other processes waiting for it steps aside
@@ -258,20 +260,24 @@ class WriterLock:
             # over at once, so that others work while it does.
             bound = self._in_run and self._gap < COMEBACK and self._gap < now - self._acquired_at
             try:
-                os.pwrite(fd, _SLICE_INFO.pack(min(end, now + COMEBACK), end) if bound and end > now else _NO_SLICE, SLICE_INFO_AT)
+                os.pwrite(fd, _SLICE_INFO.pack(min(end, now + COMEBACK), end, self._pid) if bound and end > now else _NO_SLICE, SLICE_INFO_AT)
             except OSError:
                 pass
         if self._announced:
             self._announced = False
             self._announce(WAITER_BYTE, False)
 
-    def _holder_slice(self) -> tuple:
-        """(back by, slice end) of the last release that rang, or zeros."""
+    def _holder_slice(self) -> Tuple[float, float]:
+        """(back by, slice end) of another process's last ring, or zeros
+        (our own ring is never a reason to wait for ourselves)."""
         try:
             data = os.pread(self._fd(), _SLICE_INFO.size, SLICE_INFO_AT)
         except OSError:
             return (0.0, 0.0)
-        return _SLICE_INFO.unpack(data) if len(data) == _SLICE_INFO.size else (0.0, 0.0)
+        if len(data) != _SLICE_INFO.size:
+            return (0.0, 0.0)
+        back_by, end, pid = _SLICE_INFO.unpack(data)
+        return (0.0, 0.0) if pid == self._pid else (back_by, end)
 
     def _ring_bell(self) -> Optional[Bell]:
         if not self._bell_tried:

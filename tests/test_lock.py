@@ -152,6 +152,7 @@ def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
     StaggerQueue(qpath).close()
     holder = WriterLock(qpath + ".lock", 0o600)
     other = WriterLock(qpath + ".lock", 0o600)
+    other._pid = -1  # reads the ring as another process would
     try:
         holder.acquire(1)
         holder.release()
@@ -164,6 +165,7 @@ def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
         back_by, slice_end = other._holder_slice()
         assert slice_end == holder._run_start + SLICE
         assert before < back_by <= min(after + COMEBACK, slice_end)
+        assert holder._holder_slice() == (0.0, 0.0), "never a reason to wait for itself"
         holder.acquire(1)
         holder._run_start = time.monotonic() - 10 * SLICE  # its slice is over
         holder.release()
