@@ -12,7 +12,7 @@ import pytest
 
 from stagger_sqlite import LockTimeoutError, StaggerQueue
 from stagger_sqlite.inotify import Bell
-from stagger_sqlite.lock import COMEBACK, SLICE, STARVING_BYTE, WAITER_BYTE, WriterLock
+from stagger_sqlite.lock import _SLICE_INFO, COMEBACK, SLICE, SLICE_INFO_AT, STARVE, STARVING_BYTE, WAITER_BYTE, WriterLock
 
 from .helpers import wait_for
 
@@ -223,3 +223,25 @@ def test_a_lock_that_slept_on_the_ring_still_works_after_fork(qpath):
         child.join(60)
         assert child.exitcode == 0
         assert q.write("parent") == 3
+
+
+def test_a_timeout_takes_a_free_lock_even_from_a_writer_in_its_slice(qpath):
+    """Deferring to another writer's slice is a hint: a waiter whose timeout
+    runs out while the lock is free takes it rather than raising (here the
+    last ring claims, wrongly, that its writer will be back in an hour, and
+    the timeout is shorter than the wait after which a waiter ignores
+    slices)."""
+    StaggerQueue(qpath).close()
+    lock = WriterLock(qpath + ".lock", 0o600)
+    try:
+        now = time.monotonic()
+        os.pwrite(lock.fd, _SLICE_INFO.pack(now + 3600, now + 3600, os.getpid() + 1), SLICE_INFO_AT)
+        lock._wait(lock.fd, STARVE / 2, courteous=False)  # returns holding the lock
+        other = filelock.FileLock(qpath + ".lock")
+        with pytest.raises(filelock.Timeout):
+            other.acquire(timeout=0)
+        lock.release()
+        with other.acquire(timeout=10):
+            pass
+    finally:
+        lock.close()
