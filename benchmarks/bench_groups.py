@@ -34,6 +34,23 @@ from stagger_sqlite import StaggerQueue  # noqa: E402
 MESSAGE = {"order": 17, "customer": "ACME Widgets Ltd", "items": [1, 2, 3], "note": "x" * 40}
 
 
+
+def _race(target, path: str, processes: int):
+    """Start ``processes`` of ``target(path, start, counts)`` together; return
+    what each counted and the seconds from the start to the last one's end."""
+    ctx = mp.get_context("fork")
+    start, counts = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(path, start, counts)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let every member import and open
+    t0 = time.perf_counter()
+    start.set()
+    per = [counts.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return per, time.perf_counter() - t0
+
 def _member(path: str, start, counts) -> None:
     q = StaggerQueue(path, durability="normal")
     start.wait()
@@ -50,18 +67,7 @@ def run_stagger(path: str, messages: int, processes: int) -> Dict[str, float]:
         for i in range(0, messages, 10_000):
             q.write_many([MESSAGE] * min(10_000, messages - i))
         q.consume(group="bench", wait=False).close()  # create the group up front
-    ctx = mp.get_context("fork")
-    start, counts = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_member, args=(path, start, counts)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)  # let every member import and open
-    t0 = time.perf_counter()
-    start.set()
-    per = [counts.get() for _ in procs]
-    for p in procs:
-        p.join()
-    elapsed = time.perf_counter() - t0
+    per, elapsed = _race(_member, path, processes)
     with StaggerQueue(path) as q:
         info = q.groups()["bench"]
     assert info.acked == messages and sum(per) == messages, (info, per)
@@ -91,18 +97,7 @@ def run_persist_queue(path: str, messages: int, processes: int) -> Dict[str, flo
     for _ in range(messages):
         q.put(MESSAGE)
     del q
-    ctx = mp.get_context("fork")
-    start, counts = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_pq_member, args=(path, start, counts)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)
-    t0 = time.perf_counter()
-    start.set()
-    per = [counts.get() for _ in procs]
-    for p in procs:
-        p.join()
-    elapsed = time.perf_counter() - t0
+    per, elapsed = _race(_pq_member, path, processes)
     return {"seconds": elapsed, "per_s": sum(per) / elapsed, "handled": sum(per), "duplicates": sum(per) - messages}
 
 

@@ -158,11 +158,7 @@ class WriterLock:
             # to be seen (which is what a slice promises anyway).
             waiting = NOBODY
         else:
-            try:  # waiting() in one syscall, inlined: the common case
-                alone = _FLOCK is not None and _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, _ANY_WAITER))[0] == fcntl.F_UNLCK
-            except OSError:  # no POSIX locks here (some network file systems)
-                alone = False
-            waiting = NOBODY if alone else self.waiting()
+            waiting = self.waiting()
             if waiting == NOBODY:
                 self._alone_until = now + SLICE
         courteous = waiting == STARVING or (waiting == WAITING and now - self._run_start >= SLICE)
@@ -319,7 +315,7 @@ class WriterLock:
             return WAITING if self._others_announce(WAITER_BYTE) else NOBODY
         try:
             answer = fcntl.fcntl(self._fd(), fcntl.F_GETLK, _ANY_WAITER)
-        except OSError:
+        except OSError:  # no POSIX locks here (some network file systems)
             return NOBODY
         kind, _whence, start, length, _pid = _FLOCK.unpack(answer)
         if kind == fcntl.F_UNLCK:

@@ -200,24 +200,24 @@ class StaggerQueue:
         return self._storage.write(lambda conn: self._append(conn, bodies), may_raise=False)
 
     def _append(self, conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
-        # Due scheduled messages first: they were due before this write.
-        now = time.time()
-        if now >= self._due_check_at:
-            self._due_check_at = self._next_check(now, promote(conn, now)[1])
+        self._promote_due_in(conn)  # they were due before this write
         return append(conn, bodies)
 
     def _append_one(self, body: bytes, conn: apsw.Connection) -> int:
         # write()'s short path: the same as _append(conn, [body])[0].
-        if time.time() >= self._due_check_at:
-            now = time.time()
-            self._due_check_at = self._next_check(now, promote(conn, now)[1])
+        self._promote_due_in(conn)
         conn.execute(SQL_INSERT, (body,))
         return conn.last_insert_rowid()
 
-    @staticmethod
-    def _next_check(now: float, next_due: Optional[float]) -> float:
-        limit = now + DUE_CHECK_INTERVAL
-        return limit if next_due is None else min(next_due, limit)
+    def _promote_due_in(self, conn: apsw.Connection, *, now_anyway: bool = False) -> None:
+        """Promote the due scheduled entries inside the caller's write
+        transaction, when the earliest due time this process knows of has
+        come or DUE_CHECK_INTERVAL has passed (or ``now_anyway``)."""
+        now = time.time()
+        if now_anyway or now >= self._due_check_at:
+            next_due = promote(conn, now)[1]
+            limit = now + DUE_CHECK_INTERVAL
+            self._due_check_at = limit if next_due is None else min(next_due, limit)
 
     def schedule(self, msg: Any, *, delay: Optional[float] = None, at: Any = None) -> int:
         """Store ``msg`` now; it becomes a normal message (gets its seqno,
@@ -242,8 +242,7 @@ class StaggerQueue:
         def store(conn: apsw.Connection) -> int:
             conn.execute(SQL_SCHEDULE, (due, body))
             entry = conn.last_insert_rowid()
-            now = time.time()
-            self._due_check_at = self._next_check(now, promote(conn, now)[1])
+            self._promote_due_in(conn, now_anyway=True)
             return entry
 
         # The ring wakes waiting consumers of every process, so they cut

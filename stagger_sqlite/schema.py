@@ -232,7 +232,7 @@ def check_run(conn: apsw.Connection, path: str, after: int, rows: List[tuple]) -
     if not rows:
         return
     first, last = rows[0][0], rows[-1][0]
-    if first > after and last - first == len(rows) - 1 and list(map(_SEQ, rows)) == list(range(first, last + 1)):
+    if first > after and list(map(_SEQ, rows)) == list(range(first, first + len(rows))):
         if first == after + 1:
             return
         lowest = conn.execute("SELECT min(seq) FROM messages").fetchall()[0][0]

@@ -390,11 +390,7 @@ class Storage:
         try:
             return self._transaction(fn, notify, started)
         finally:
-            with group_lock:
-                self._leader = None
-                self._leading = False
-                if self._waiting:
-                    self._group.notify_all()
+            self._end_lead()
 
     def _write_in_group(self, job: "_Job") -> T:
         """``write`` when other threads of this process write too: join the
@@ -465,9 +461,7 @@ class Storage:
         started at ``started``. Rolls back and raises (mapped) if anything
         fails. The caller leads (no other thread of ours is in here)."""
         with self._mutex:
-            if self._closed:
-                raise QueueClosedError(f"queue {self.path} is closed")
-            conn = self._conn or self._connection()
+            conn = self._open_conn()
             lock = self._lock or self._writer_lock()
             timeout = self.timeout
             remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))

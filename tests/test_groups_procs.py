@@ -93,19 +93,27 @@ def following_member(path, out, last):
     q.close()
 
 
-def test_four_member_processes_share_20000_messages_exactly_once(qpath):
-    with StaggerQueue(qpath, durability="normal") as q:
-        q.write_many([{"n": i} for i in range(1, 20001)])
-        q.consume(group="g", wait=False).close()
+def run_members(target, qpath, groups, *rest):
+    """One ``target(qpath, group, out, start, *rest)`` process per group
+    name, started together; returns the processes (joined) and what each
+    put in ``out``."""
     out, start = CTX.Queue(), CTX.Event()
-    procs = [CTX.Process(target=member, args=(qpath, "g", out, start, 50, 30.0, 1.0)) for _ in range(4)]
+    procs = [CTX.Process(target=target, args=(qpath, group, out, start, *rest)) for group in groups]
     for p in procs:
         p.start()
     start.set()
     results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(60)
-        assert p.exitcode == 0
+    return procs, results
+
+
+def test_four_member_processes_share_20000_messages_exactly_once(qpath):
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many([{"n": i} for i in range(1, 20001)])
+        q.consume(group="g", wait=False).close()
+    procs, results = run_members(member, qpath, ["g"] * 4, 50, 30.0, 1.0)
+    assert all(p.exitcode == 0 for p in procs)
     everything = sorted(s for _, got in results for s in got)
     assert everything == list(range(1, 20001))  # every message exactly once
     assert sum(1 for _, got in results if got) >= 2  # spread over several members
@@ -119,17 +127,7 @@ def test_four_member_processes_share_20000_messages_exactly_once(qpath):
 def test_two_groups_in_processes_each_get_everything(qpath):
     with StaggerQueue(qpath, durability="normal") as q:
         q.write_many([{"n": i} for i in range(1, 2001)])
-    out, start = CTX.Queue(), CTX.Event()
-    procs = [
-        CTX.Process(target=member, args=(qpath, group, out, start, 20, 30.0, 1.0))
-        for group in ("a", "a", "b", "b")
-    ]
-    for p in procs:
-        p.start()
-    start.set()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
+    procs, results = run_members(member, qpath, ["a", "a", "b", "b"], 20, 30.0, 1.0)
     by_pid = dict(results)
     a = sorted(by_pid[procs[0].pid] + by_pid[procs[1].pid])
     b = sorted(by_pid[procs[2].pid] + by_pid[procs[3].pid])
@@ -196,15 +194,8 @@ def test_four_batch_members_share_messages_exactly_once(qpath):
     with StaggerQueue(qpath, durability="normal") as q:
         q.write_many([{"n": i} for i in range(1, 5001)])
         q.consume(group="g", wait=False).close()
-    out, start = CTX.Queue(), CTX.Event()
-    procs = [CTX.Process(target=batch_member, args=(qpath, "g", out, start, 25, 30.0, 1.0)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    procs, results = run_members(batch_member, qpath, ["g"] * 4, 25, 30.0, 1.0)
+    assert all(p.exitcode == 0 for p in procs)
     lists = [lst for _, member_lists in results for lst in member_lists]
     assert sorted(s for lst in lists for s in lst) == list(range(1, 5001))  # each exactly once
     assert max(len(lst) for lst in lists) == 25 and all(lst == sorted(lst) for lst in lists)
