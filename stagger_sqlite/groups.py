@@ -112,7 +112,6 @@ SQL_BURY = "INSERT OR REPLACE INTO dead_letters (grp, seq, body, attempts, error
 SQL_DROP = "DELETE FROM deliveries WHERE grp = ? AND seq = ?"
 SQL_SUSPECT = "UPDATE deliveries SET state = 3, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?"
 SQL_RETRY = "UPDATE deliveries SET state = 2, token = 0, ready = ?, attempts = ?, error = ? WHERE grp = ? AND seq = ?"
-SQL_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,11 +177,6 @@ def check_group(name: Any) -> str:
 # -- queries shared with StaggerQueue ------------------------------------
 
 
-def _last_seq(conn: apsw.Connection) -> int:
-    row = conn.execute(SQL_LAST_SEQ).fetchall()
-    return row[0][0] if row else 0
-
-
 def acked_of(conn: apsw.Connection, name: str, cursor: int) -> int:
     lowest = conn.execute(SQL_LOWEST, (name,)).fetchall()[0][0]
     return cursor if lowest is None else min(cursor, lowest - 1)
@@ -200,7 +194,7 @@ def finished_floor(conn: apsw.Connection) -> Optional[int]:
 
 def group_figures(conn: apsw.Connection) -> Dict[str, GroupInfo]:
     """Every group's figures; run it inside one read transaction."""
-    last = _last_seq(conn)
+    last = schema.last_seq(conn)
     result = {}
     for name, cursor in conn.execute("SELECT name, cursor FROM groups ORDER BY name").fetchall():
         counts = dict(
@@ -239,7 +233,7 @@ def create_group(queue: "StaggerQueue", group: str, ack: int = 0) -> None:
     def create(conn: apsw.Connection) -> None:
         if conn.execute(SQL_GROUP, (group,)).fetchall():
             return  # an existing group: its own position wins, `ack` is ignored
-        last = _last_seq(conn)
+        last = schema.last_seq(conn)
         if ack > last:
             raise AckOutOfRangeError(
                 f"ack={ack} is beyond the last seqno ever written to {queue.path} ({last}): "
@@ -646,7 +640,7 @@ class GroupConsumer:
             due = self.claim_limit.next_due(conn)
             if due > now:
                 return False, due
-        if _last_seq(conn) > row[0][0]:
+        if schema.last_seq(conn) > row[0][0]:
             return True, None
         ready = conn.execute(SQL_NEXT_READY, (self.group,)).fetchall()[0][0]
         return (ready is not None and ready <= now), ready
@@ -731,7 +725,7 @@ class GroupConsumer:
                     cursor = new[-1][0]
                     rows = rows + new
                 if len(new) < want:
-                    cursor = max(cursor, _last_seq(conn))  # everything above was purged or never written
+                    cursor = max(cursor, schema.last_seq(conn))  # everything above was purged or never written
         if rows:
             conn.execute(SQL_SET_GROUP, (cursor, token, group))
             if self.claim_limit is not None:

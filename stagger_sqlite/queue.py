@@ -23,12 +23,12 @@ from . import groups as groups_
 from .consume import Consumer
 from .errors import AckOutOfRangeError, QueueClosedError, StaggerError
 from .storage import Storage
+from .schema import last_seq
 from .validate import check_int, check_seconds
 
 DURABILITIES = ("full", "normal")
 
 SQL_INSERT = "INSERT INTO messages (body) VALUES (?)"
-SQL_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 SQL_COUNT = "SELECT count(*) FROM messages"
 SQL_PAGE = "SELECT seq, body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
 SQL_PURGE = "DELETE FROM messages WHERE seq <= ?"
@@ -52,11 +52,6 @@ RECLAIM_SHARE = 0.25
 #: consumers do not depend on it: a schedule rings them and they promote.
 DUE_CHECK_INTERVAL = 0.05
 RECLAIM_MIN_PAGES = 256
-
-
-def last_seq(conn: apsw.Connection) -> int:
-    row = conn.execute(SQL_LAST_SEQ).fetchall()
-    return row[0][0] if row else 0
 
 
 def append(conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
@@ -514,7 +509,11 @@ class StaggerQueue:
             schema.check_run(conn, self.path, after, rows)
             return rows
 
-        return self._storage.read(page)
+        rows = self._storage.read(page)
+        if rows:
+            # durability="full": never hand out what a power cut could take back.
+            self._storage.ensure_durable(rows[-1][0])
+        return rows
 
     def decode(self, body: bytes, seq: int) -> Any:
         """Decode the stored bytes of message ``seq`` with this queue's codec.

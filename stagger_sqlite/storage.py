@@ -28,6 +28,7 @@ from typing import Callable, Iterator, List, Optional, TypeVar
 import apsw
 
 from . import schema
+from .durable import Horizon
 from .errors import LockTimeoutError, NotAQueueError, QueueClosedError, StaggerError, StorageFullError
 from .lock import WriterLock
 from .wakeup import CloseEvent
@@ -122,6 +123,8 @@ def _after_fork_child() -> None:
         s._leading = False
         s._crowd = 0
         s._leader = None
+        if s._horizon is not None:
+            s._horizon.after_fork()
     _FORKING.clear()
 
 
@@ -184,6 +187,9 @@ class Storage:
         self._crowd = 0  # size of the last batch: >1 means threads contend
         self._leader: Optional[int] = None  # thread running a batch
         self._conn: Optional[apsw.Connection] = None
+        #: durability="full": the WAL fsyncs after commits (durable.py).
+        self._horizon = Horizon(path) if durability == "full" else None
+        self._sync_number = 0  # the fsync the last commit needs (full)
         self._lock: Optional[WriterLock] = None
         self._closed = False
         #: Set by close(); waiters watch it so close() from another thread ends them.
@@ -243,6 +249,8 @@ class Storage:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            # A horizon in the lock file is about the file this one replaces.
+            Horizon.reset(lock.fd)  # type: ignore[arg-type]
             os.replace(tmp, self.path)
             _fsync_dir(parent)
         finally:
@@ -388,7 +396,10 @@ class Storage:
         if not solo:
             return self._write_in_group(_Job(fn, notify, may_raise, started))
         try:
-            return self._transaction(fn, notify, started)
+            result = self._transaction(fn, notify, started)
+            if self._horizon is not None:
+                self._make_durable(notify)
+            return result
         finally:
             self._end_lead()
 
@@ -470,19 +481,28 @@ class Storage:
             # is left of the timeout, no more.
             bound = remaining is not None and (waited or remaining < timeout - 0.01)  # type: ignore[operator]
             news = False
+            horizon = self._horizon
             try:
                 if bound:
                     conn.set_busy_timeout(self._busy_ms(timeout - (time.monotonic() - started)))  # type: ignore[operator]
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = fn(conn)
-                    conn.execute("COMMIT")
+                    if horizon is None:
+                        conn.execute("COMMIT")
+                    else:
+                        seq = schema.last_seq(conn) if notify else 0
+                        conn.execute("COMMIT")
+                        if seq > horizon.committed_seq:
+                            horizon.committed_seq = seq
+                        self._sync_number = horizon.next_sync()
                 except BaseException:
                     if conn.in_transaction:
                         with contextlib.suppress(apsw.Error):
                             conn.execute("ROLLBACK")
                     raise
-                news = notify
+                # In full mode the news rings once it is durable (_make_durable).
+                news = notify and horizon is None
                 return result
             except apsw.Error as e:
                 raise storage_error(self.path, e) from None
@@ -491,11 +511,37 @@ class Storage:
                 if bound:  # reads get the whole timeout again
                     conn.set_busy_timeout(self._busy_ms(timeout))
 
+    def _make_durable(self, notify: bool) -> None:
+        """durability="full": fsync the WAL after our last commit (the locks
+        are free meanwhile: durable.py says why), then, for news, publish
+        the durable horizon, which rings the consumers."""
+        horizon = self._horizon
+        assert horizon is not None
+        durable = horizon.sync(self._sync_number)
+        if notify:
+            with self._mutex:  # close() closes the lock file under it
+                lock = self._lock
+                if lock is not None and lock.fd is not None:
+                    horizon.publish(lock.fd, durable)
+
+    def ensure_durable(self, seq: int) -> None:
+        """Return once messages up to ``seq`` (read by a consumer) are on
+        disk; at once unless durability is "full" (durable.py).
+
+        Raises:
+            StaggerError: an fsync failed.
+        """
+        if self._horizon is not None and seq > self._horizon.durable_seq:
+            self._horizon.ensure(seq, lambda: self.read(schema.last_seq))
+
     def _commit_batch(self, batch: List["_Job"], leader: "_Job") -> None:
         """Run ``batch`` in one transaction and settle every job in it."""
         try:
             began = time.monotonic()
-            self._transaction(lambda conn: self._run_jobs(conn, batch), any(j.notify for j in batch), batch[0].started)
+            notify = any(j.notify for j in batch)
+            self._transaction(lambda conn: self._run_jobs(conn, batch), notify, batch[0].started)
+            if self._horizon is not None:
+                self._make_durable(notify)
             self._last_commit = time.monotonic() - began
         except BaseException as e:
             for j in batch:
@@ -547,9 +593,13 @@ class Storage:
         self.closed_event.set()
         with self._mutex:
             self._drop_handles()
+        if self._horizon is not None:
+            self._horizon.close()
         _LIVE.discard(self)
 
     def _drop_handles(self) -> None:
+        if self._horizon is not None:
+            self._horizon.drop_wal()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(apsw.Error):

@@ -11,8 +11,13 @@ the disk could hold if the power went off at that instant. ``-shm`` is
 shared memory, not disk: an image never has one, as after a reboot.
 
 The writer logs, per image, how many messages had been returned by ``write``
-/ ``write_many`` when it was taken. ``tests/test_powerloss.py`` then opens
-every image.
+/ ``write_many`` when it was taken, and the highest seqno a consumer (a
+thread reading all along through a queue object of its own) had been handed.
+``tests/test_powerloss.py`` then opens every image.
+
+With ``durability="full"`` the library fsyncs the WAL itself after a commit
+(``os.fdatasync``, stagger_sqlite/durable.py), not through the VFS: the
+writer process models those calls on the disk too.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import apsw
@@ -43,6 +49,9 @@ class Disk:
         self.boundaries = [0]  # message counts at which a call's commit ended
         self.images = 0
         self.truncations: Dict[str, int] = {}  # file -> xTruncate calls
+        self.delivered = 0  # highest seqno a consumer was handed
+        # The writer and the consumer (its fsyncs) both reach the model.
+        self.mutex = threading.RLock()
 
     def track(self, name: str) -> None:
         if name not in self.durable:
@@ -55,6 +64,10 @@ class Disk:
 
     def op(self, name: str, op: Optional[Op]) -> None:
         """Called before each operation (``None``: a sync)."""
+        with self.mutex:
+            self._op(name, op)
+
+    def _op(self, name: str, op: Optional[Op]) -> None:
         if self.armed and self.rnd.random() < self.cut_p:
             self.cut("during")
         if op is None:
@@ -68,6 +81,10 @@ class Disk:
 
     def cut(self, when: str) -> None:
         """Save one image of what the disk could hold if the power went now."""
+        with self.mutex:
+            self._cut(when)
+
+    def _cut(self, when: str) -> None:
         how = self.rnd.choice(["synced-only", "everything", "prefix-torn", "subset-torn"])
         out = os.path.join(self.outdir, f"image{self.images:04d}")
         os.makedirs(out)
@@ -94,6 +111,7 @@ class Disk:
                     {
                         "image": out,
                         "returned": self.returned,
+                        "delivered": self.delivered,
                         "purge_intended": self.purge_intended,
                         "purge_returned": self.purge_returned,
                         "when": when,
@@ -150,6 +168,36 @@ class RecordingVFS(apsw.VFS):
         return RecordingFile(self.disk, name, flags)
 
 
+def model_fsyncs(disk: Disk) -> None:
+    """Make the process's own ``os.fdatasync``/``os.fsync`` of a modelled
+    file a sync on the model too (after the real one, like ``xSync``)."""
+    for fname in ("fdatasync", "fsync"):
+        real = getattr(os, fname)
+
+        def synced(fd: int, _real=real) -> None:
+            _real(fd)
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            for tracked in list(disk.durable):
+                if os.path.realpath(tracked) == name:
+                    disk.op(tracked, None)
+
+        setattr(os, fname, synced)
+
+
+def consumer(path: str, durability: str, disk: Disk, stop: threading.Event) -> None:
+    """Read all along, as fast as it can, through a queue object of its own
+    (so it knows only what the lock file's published horizon or its own
+    fsyncs tell it), and note the highest seqno it was handed."""
+    from stagger_sqlite import StaggerQueue
+
+    with StaggerQueue(path, durability=durability, timeout=None) as q:
+        ack = 0
+        while not stop.is_set():
+            for seq, _msg in q.consume(ack, wait=False, batch=4):
+                ack = seq
+                disk.delivered = seq
+
+
 def writer(path: str, outdir: str, durability: str, calls: int, seed: int, cut_p: float, purge_p: float = 0.0) -> None:
     """Write ``calls`` times (write or write_many of 1-8), messages ``w.0``,
     ``w.1``..., saving power-cut images along the way; after a call, with
@@ -161,11 +209,15 @@ def writer(path: str, outdir: str, durability: str, calls: int, seed: int, cut_p
     rnd = random.Random(seed)
     disk = Disk(outdir, rnd, cut_p)
     vfs = RecordingVFS(disk)  # noqa: F841 - registered while referenced
+    model_fsyncs(disk)
     q = StaggerQueue(path, durability=durability, timeout=None)
     # Checkpoint every few pages instead of every 1000, so that cuts land in
     # checkpoints and WAL restarts too, not only in appends.
     q._storage.read(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 16").fetchall())
     disk.armed = True
+    stop = threading.Event()
+    reader = threading.Thread(target=consumer, args=(path, durability, disk, stop))
+    reader.start()
     n = 0
     for _ in range(calls):
         k = rnd.choice([1, 1, 1, 2, 8])
@@ -184,6 +236,8 @@ def writer(path: str, outdir: str, durability: str, calls: int, seed: int, cut_p
             disk.purge_intended = n - 40
             q.purge(n - 40)
             disk.purge_returned = n - 40
+    stop.set()
+    reader.join()
     disk.armed = False
     with open(os.path.join(outdir, "boundaries.json"), "w") as f:
         json.dump(disk.boundaries, f)

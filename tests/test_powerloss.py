@@ -10,8 +10,9 @@
    gets ``last_seq + 1``).
 
    - ``durability="full"``: every write that returned before the cut is in
-     the image; so ``last_seq`` after the reboot is at least every seqno any
-     reader could have seen, and no seqno a reader saw is handed out again.
+     the image, and so is every message a consumer (a thread reading all
+     along) had been handed, even one whose write had not returned yet: no
+     seqno a reader saw is handed out again.
    - ``durability="normal"``: writes that returned since the last checkpoint
      can be lost (the test shows they are), and their seqnos are handed out
      again to new messages after the reboot. A consumer that had read them
@@ -71,7 +72,7 @@ def test_power_cut_images(tmp_path, durability, purge_p):
 
     with open(images / "boundaries.json") as f:
         boundaries = set(json.load(f))
-    lost_max = lost_images = 0
+    lost_max = lost_images = delivered_ahead = 0
     checked = 0
     with open(images / "manifest.jsonl") as f:
         manifest = [json.loads(line) for line in f]
@@ -93,6 +94,10 @@ def test_power_cut_images(tmp_path, durability, purge_p):
         if durability == "full":
             assert lost == 0, f"{entry}: a write that returned was lost with durability='full'"
             assert last >= entry["returned"]
+            # Nor a message a consumer had been handed (its seqno would be
+            # handed out again after the reboot, to a new message).
+            assert k >= entry["delivered"], f"{entry}: a message a consumer had was lost with durability='full'"
+        delivered_ahead = max(delivered_ahead, entry["delivered"] - entry["returned"])
         lost_max = max(lost_max, lost)
         lost_images += lost > 0
         checked += 1
@@ -107,6 +112,7 @@ def test_power_cut_images(tmp_path, durability, purge_p):
         images_checked=checked,
         images_losing_returned_writes=lost_images,
         most_returned_messages_lost=lost_max,
+        consumer_ahead_of_returned_writes=delivered_ahead,
         file_truncations=json.load(open(images / "truncations.json")),
     )
     assert checked >= 5

@@ -1,0 +1,275 @@
+"""The durable horizon of a ``durability="full"`` queue: the WAL fsync that
+makes commits durable, and what every process knows to be on disk.
+
+Why not SQLite's ``synchronous=FULL``: it fsyncs the WAL inside ``COMMIT``,
+while the writer still holds SQLite's write lock and ours, so writers of
+other processes wait out every fsync of everyone else, one after the other
+(four producers wrote 0.6x as fast as one, issue 6). Here a commit is made
+with ``synchronous=NORMAL`` (no fsync), the locks are released, and then the
+writer fsyncs the WAL itself before its ``write`` returns. While it waits for
+the disk, the next writer commits; one fsync of the WAL covers every commit
+made before it began, whoever made them (the kernel flushes the file, not a
+descriptor), and fsyncs of several processes overlap in the kernel.
+
+It promises what FULL promises: a write that returned is on disk. The WAL is
+append-only between checkpoints, and a checkpoint fsyncs the WAL before it
+copies it into the database and fsyncs that before the WAL is ever reused
+(SQLite does this in NORMAL mode too), so an fsync of the WAL after a commit
+makes that commit and every earlier one durable.
+
+What it changes: a commit is visible to readers before its fsync (with FULL,
+only after). A consumer must then never deliver a message a power cut could
+take back (its seqno would be handed out again, and a consumer that acted on
+it would skip the new message). So a full-mode consumer delivers a row only
+once it knows the row is durable: a writer, after its fsync, publishes the
+highest seqno it made durable in the lock file (``HORIZON_AT``), tagged with
+the boot and the queue file it is about; a consumer whose rows go beyond it
+fsyncs the WAL itself (cheap: the writer's fsync is in flight or done).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from typing import Callable, Optional
+
+from .errors import StaggerError
+
+#: Where in the lock file the horizon is published (beyond the lock's own
+#: bytes, see lock.py): boot id, device and inode of the queue file, seqno,
+#: and a CRC of them (a torn read never passes for a horizon).
+HORIZON_AT = 64
+_HORIZON = struct.Struct("16sQQqI")
+_CHECKED = struct.Struct("16sQQq")
+
+
+def _boot_id() -> Optional[bytes]:
+    """This boot's id (Linux); a horizon from an earlier boot means nothing:
+    what a power cut took is gone, and its seqnos are handed out again."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return bytes.fromhex(f.read().decode("ascii").strip().replace("-", ""))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):  # pragma: no cover - not Linux: no shared horizon
+        return None
+
+
+BOOT_ID = _boot_id()
+
+
+def _fdatasync(fd: int) -> None:
+    # Looked up at each call: tests/powercut.py models this call on its disk.
+    (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+
+
+class Horizon:
+    """Fsyncs of one queue's WAL for the threads of a process, and the
+    highest seqno known durable. Thread-safe; ``after_fork`` in a child."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.wal_path = path + "-wal"
+        self.lock_path = path + ".lock"
+        self._cv = threading.Condition(threading.Lock())
+        self._started = 0  # fsyncs begun by this process (they run one at a time)
+        self._done = 0  # of those, finished (all of them: they are serialised)
+        self._syncing = False
+        self._wal_fd: Optional[int] = None
+        self._read_fd: Optional[int] = None  # lock file, for reading the horizon
+        self._closed = False
+        self._drop = False  # drop the WAL descriptor after the running fsync
+        #: Highest seqno committed by this process, and known durable.
+        self.committed_seq = 0
+        self.durable_seq = 0
+        self._identity: Optional[bytes] = None
+
+    # -- writers ---------------------------------------------------------
+
+    def next_sync(self) -> int:
+        """The number of the first fsync that will begin from now on: a
+        commit made before this call is durable once that fsync is done."""
+        return self._started + 1
+
+    def sync(self, number: int) -> int:
+        """Return once fsync ``number`` (or a later one) of this process has
+        finished; run it if nobody does. Returns the seqno it made durable.
+
+        Raises:
+            StaggerError: the fsync failed (an I/O error): what was committed
+                is readable but may not survive a power cut.
+        """
+        cv = self._cv
+        with cv:
+            while self._done < number:
+                if self._syncing:
+                    cv.wait()
+                    continue
+                self._syncing = True
+                self._started += 1
+                mine = self._started
+                seq = self.committed_seq  # every commit so far is covered
+                try:
+                    fd = self._wal()
+                    cv.release()
+                    try:
+                        if fd is not None:
+                            _fdatasync(fd)
+                    finally:
+                        cv.acquire()
+                except OSError as e:
+                    raise StaggerError(
+                        f"{self.path}: fsync of the WAL failed ({e}); what was just written is stored "
+                        "but may not survive a power cut"
+                    ) from None
+                finally:
+                    self._syncing = False
+                    cv.notify_all()
+                    if self._closed:
+                        self._close_fds()
+                    elif self._drop:
+                        self._close_wal()
+                self._done = mine
+                if seq > self.durable_seq:
+                    self.durable_seq = seq
+            return self.durable_seq
+
+    def _wal(self) -> Optional[int]:
+        """A descriptor of the WAL (None: there is none, so everything is in
+        the database file, which checkpoints fsync). Called under ``_cv``.
+
+        Kept until ``drop_wal``: while the storage's connection is open it
+        holds a shared lock on the database file, and SQLite deletes a WAL
+        only under an exclusive one, so the file stays the live WAL. Not
+        checked with ``fstat`` at each fsync: on this kernel a stat between a
+        write and its fsync made the fsync 75 us slower (measured, issue 6).
+        """
+        if self._wal_fd is None:
+            try:
+                self._wal_fd = os.open(self.wal_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                return None
+        return self._wal_fd
+
+    def publish(self, lock_fd: int, seq: int) -> None:
+        """Tell every process that messages up to ``seq`` are durable (and
+        wake the consumers waiting for news: the write rings, see wakeup.py)."""
+        ident = self._ident()
+        if ident is None:
+            data = b"\0" * _HORIZON.size
+        else:
+            body = _CHECKED.pack(BOOT_ID, *ident, seq)
+            data = body + struct.pack("I", zlib.crc32(body))
+        try:
+            os.pwrite(lock_fd, data, HORIZON_AT)
+        except OSError:
+            pass  # a hint: consumers then fsync themselves
+
+    @staticmethod
+    def reset(lock_fd: int) -> None:
+        """Forget the horizon: the queue file is new (``Storage._create``)."""
+        os.pwrite(lock_fd, b"\0" * _HORIZON.size, HORIZON_AT)
+
+    # -- readers ---------------------------------------------------------
+
+    def ensure(self, seq: int, last_seq: Callable[[], int]) -> None:
+        """Return once messages up to ``seq`` (already read, so committed)
+        are durable: known here, published by a writer, or by an fsync of
+        our own. ``last_seq()`` reads the highest seqno committed now.
+
+        Raises:
+            StaggerError: the fsync failed.
+        """
+        if seq <= self.durable_seq:
+            return
+        published = self._published()
+        if published >= seq:
+            self._raise_durable(published)
+            return
+        upto = last_seq()  # committed before the fsync below begins
+        self.sync(self.next_sync())
+        self._raise_durable(upto)
+
+    def _raise_durable(self, seq: int) -> None:
+        with self._cv:
+            if seq > self.durable_seq:
+                self.durable_seq = seq
+
+    def _published(self) -> int:
+        ident = self._ident()
+        if ident is None:
+            return 0
+        with self._cv:  # close() closes the descriptor under it
+            if self._closed:
+                return 0
+            try:
+                if self._read_fd is None:
+                    self._read_fd = os.open(self.lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                data = os.pread(self._read_fd, _HORIZON.size, HORIZON_AT)
+            except OSError:
+                return 0
+        if len(data) != _HORIZON.size:
+            return 0
+        boot, dev, ino, seq, crc = _HORIZON.unpack(data)
+        if zlib.crc32(data[: _CHECKED.size]) != crc or boot != BOOT_ID or (dev, ino) != ident:
+            return 0
+        return seq
+
+    def _ident(self) -> Optional[tuple]:
+        """(device, inode) of the queue file: a horizon is about one file."""
+        if BOOT_ID is None:
+            return None
+        if self._identity is None:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                return None
+            self._identity = (st.st_dev, st.st_ino)
+        return self._identity  # type: ignore[return-value]
+
+    # -- lifetime --------------------------------------------------------
+
+    def drop_wal(self) -> None:
+        """The storage closed its connection (close, fork): once none is
+        open, another program's last connection may delete the WAL, so the
+        next fsync opens it anew (a running fsync drops it when it ends)."""
+        with self._cv:
+            if self._syncing:
+                self._drop = True
+            else:
+                self._close_wal()
+
+    def after_fork(self) -> None:
+        """In a fork child: no other thread survived, so no fsync is running.
+        The WAL descriptor may be one a parent's fsync was still using when
+        the parent dropped its connection: open the WAL anew."""
+        self._cv = threading.Condition(threading.Lock())
+        self._syncing = False
+        self._done = self._started
+        self._close_wal()
+
+    def close(self) -> None:
+        """Close the descriptors (a running fsync closes them when it ends)."""
+        with self._cv:
+            self._closed = True
+            if not self._syncing:
+                self._close_fds()
+
+    def _close_wal(self) -> None:
+        self._drop = False
+        fd, self._wal_fd = self._wal_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _close_fds(self) -> None:
+        for name in ("_wal_fd", "_read_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
