@@ -33,7 +33,7 @@ import os
 import struct
 import threading
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from .errors import StaggerError
 
@@ -43,6 +43,8 @@ from .errors import StaggerError
 HORIZON_AT = 64
 _HORIZON = struct.Struct("16sQQqI")
 _CHECKED = struct.Struct("16sQQq")
+_WHERE = struct.Struct("16sQQ")  # the part that names boot and file
+_SEQ_CRC = struct.Struct("qI")
 
 
 def _boot_id() -> Optional[bytes]:
@@ -82,7 +84,8 @@ class Horizon:
         #: Highest seqno committed by this process, and known durable.
         self.committed_seq = 0
         self.durable_seq = 0
-        self._identity: Optional[bytes] = None
+        self._identity: Optional[tuple] = None
+        self._where: Optional[Tuple[bytes, int]] = None  # packed boot + file, its CRC
 
     # -- writers ---------------------------------------------------------
 
@@ -154,12 +157,15 @@ class Horizon:
     def publish(self, lock_fd: int, seq: int) -> None:
         """Tell every process that messages up to ``seq`` are durable (and
         wake the consumers waiting for news: the write rings, see wakeup.py)."""
-        ident = self._ident()
-        if ident is None:
-            data = b"\0" * _HORIZON.size
-        else:
-            body = _CHECKED.pack(BOOT_ID, *ident, seq)
-            data = body + struct.pack("I", zlib.crc32(body))
+        where = self._where
+        if where is None:
+            ident = self._ident()
+            if ident is None:
+                return
+            packed = _WHERE.pack(BOOT_ID, *ident)
+            where = self._where = (packed, zlib.crc32(packed))
+        seq_bytes = struct.pack("q", seq)
+        data = where[0] + _SEQ_CRC.pack(seq, zlib.crc32(seq_bytes, where[1]))
         try:
             os.pwrite(lock_fd, data, HORIZON_AT)
         except OSError:

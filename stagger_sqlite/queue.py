@@ -174,7 +174,7 @@ class StaggerQueue:
         """
         body = codecs.encode(self._codec, msg)
         # partial, not a lambda: one Python frame less on the hottest path.
-        return self._storage.write(functools.partial(self._append_one, body), may_raise=False)
+        return self._storage.write(functools.partial(self._append_one, body), may_raise=False, appends=True)
 
     def write_many(self, msgs: Iterable[Any]) -> List[int]:
         """Append all messages in one transaction, all or none.
@@ -192,7 +192,7 @@ class StaggerQueue:
         if not bodies:
             self._storage.read(lambda conn: None)  # still refuse a closed queue
             return []
-        return self._storage.write(lambda conn: self._append(conn, bodies), may_raise=False)
+        return self._storage.write(lambda conn: self._append(conn, bodies), may_raise=False, appends=True)
 
     def _append(self, conn: apsw.Connection, bodies: List[bytes]) -> List[int]:
         self._promote_due_in(conn)  # they were due before this write

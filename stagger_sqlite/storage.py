@@ -145,12 +145,15 @@ def _copy_error(e: BaseException) -> BaseException:
 class _Job:
     """One caller of ``Storage.write`` waiting for its transaction."""
 
-    __slots__ = ("fn", "notify", "may_raise", "started", "done", "result", "error")
+    __slots__ = ("fn", "notify", "may_raise", "appends", "started", "done", "result", "error")
 
-    def __init__(self, fn: Callable[[apsw.Connection], object], notify: bool, may_raise: bool, started: float) -> None:
+    def __init__(
+        self, fn: Callable[[apsw.Connection], object], notify: bool, may_raise: bool, appends: bool, started: float
+    ) -> None:
         self.fn = fn
         self.notify = notify
         self.may_raise = may_raise
+        self.appends = appends
         self.started = started
         self.done = False
         self.result: object = None
@@ -351,7 +354,9 @@ class Storage:
                 finally:
                     conn.execute("COMMIT")
 
-    def write(self, fn: Callable[[apsw.Connection], T], *, notify: bool = True, may_raise: bool = True) -> T:
+    def write(
+        self, fn: Callable[[apsw.Connection], T], *, notify: bool = True, may_raise: bool = True, appends: bool = False
+    ) -> T:
         """Run ``fn(conn)`` in a ``BEGIN IMMEDIATE`` transaction, under the
         writer lock; commit if it returns, roll back if it raises. Returns
         only once the commit is durable (to the degree ``durability`` says).
@@ -359,6 +364,10 @@ class Storage:
         False for changes no consumer waits for. ``may_raise=False``: ``fn``
         raises nothing but SQLite's errors (which fail the whole shared
         transaction anyway), so in a batch it needs no savepoint of its own.
+        ``appends``: ``fn`` returns the seqno (or list of seqnos) of the
+        messages it appended; with durability "full" they are published as
+        durable after the fsync (other commits publish nothing new: cheaper
+        than asking SQLite, and a horizon may lag, never lead).
 
         Group commit: threads of this process that write at the same time
         share one transaction and one fsync. One of them (the leader) runs
@@ -394,9 +403,9 @@ class Storage:
                 self._leading = True
                 self._leader = me
         if not solo:
-            return self._write_in_group(_Job(fn, notify, may_raise, started))
+            return self._write_in_group(_Job(fn, notify, may_raise, appends, started))
         try:
-            result = self._transaction(fn, notify, started)
+            result = self._transaction(fn, notify, started, _last_seq_of if appends else None)
             if self._horizon is not None:
                 self._make_durable(notify)
             return result
@@ -466,11 +475,19 @@ class Storage:
             if self._waiting:
                 self._group.notify_all()
 
-    def _transaction(self, fn: Callable[[apsw.Connection], T], notify: bool, started: float) -> T:
+    def _transaction(
+        self,
+        fn: Callable[[apsw.Connection], T],
+        notify: bool,
+        started: float,
+        seq_of: Optional[Callable[[T], int]] = None,
+    ) -> T:
         """``fn(conn)`` between ``BEGIN IMMEDIATE`` and ``COMMIT``, under the
         writer lock, within what is left of the timeout of a write that
         started at ``started``. Rolls back and raises (mapped) if anything
-        fails. The caller leads (no other thread of ours is in here)."""
+        fails. ``seq_of(result)``: the highest seqno ``fn`` appended (full
+        mode records it for the horizon). The caller leads (no other thread
+        of ours is in here)."""
         with self._mutex:
             conn = self._open_conn()
             lock = self._lock or self._writer_lock()
@@ -488,13 +505,12 @@ class Storage:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = fn(conn)
-                    if horizon is None:
-                        conn.execute("COMMIT")
-                    else:
-                        seq = schema.last_seq(conn) if notify else 0
-                        conn.execute("COMMIT")
-                        if seq > horizon.committed_seq:
-                            horizon.committed_seq = seq
+                    conn.execute("COMMIT")
+                    if horizon is not None:
+                        if seq_of is not None:
+                            seq = seq_of(result)
+                            if seq > horizon.committed_seq:
+                                horizon.committed_seq = seq
                         self._sync_number = horizon.next_sync()
                 except BaseException:
                     if conn.in_transaction:
@@ -539,7 +555,7 @@ class Storage:
         try:
             began = time.monotonic()
             notify = any(j.notify for j in batch)
-            self._transaction(lambda conn: self._run_jobs(conn, batch), notify, batch[0].started)
+            self._transaction(lambda conn: self._run_jobs(conn, batch), notify, batch[0].started, int)
             if self._horizon is not None:
                 self._make_durable(notify)
             self._last_commit = time.monotonic() - began
@@ -557,22 +573,27 @@ class Storage:
                 j.done = True
 
     @staticmethod
-    def _run_jobs(conn: apsw.Connection, batch: List["_Job"]) -> None:
+    def _run_jobs(conn: apsw.Connection, batch: List["_Job"]) -> int:
         """Each job that may raise in its own savepoint: its Python error
-        undoes its part only; SQLite's errors fail the whole transaction."""
+        undoes its part only; SQLite's errors fail the whole transaction.
+        Returns the highest seqno the jobs that append appended (or 0)."""
+        appended = 0
         for job in batch:
             if not job.may_raise:
                 job.result = job.fn(conn)
-                continue
-            conn.execute("SAVEPOINT stagger_job")
-            try:
-                job.result = job.fn(conn)
-            except apsw.Error:
-                raise
-            except Exception as e:
-                conn.execute("ROLLBACK TO stagger_job")
-                job.error = e
-            conn.execute("RELEASE stagger_job")
+            else:
+                conn.execute("SAVEPOINT stagger_job")
+                try:
+                    job.result = job.fn(conn)
+                except apsw.Error:
+                    raise
+                except Exception as e:
+                    conn.execute("ROLLBACK TO stagger_job")
+                    job.error = e
+                conn.execute("RELEASE stagger_job")
+            if job.appends and job.error is None:
+                appended = max(appended, _last_seq_of(job.result))
+        return appended
 
     def _open_conn(self) -> apsw.Connection:
         if self._closed:
@@ -607,6 +628,13 @@ class Storage:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.close()
+
+
+def _last_seq_of(result: object) -> int:
+    """The highest seqno in an appending write's result (a seqno or a list)."""
+    if isinstance(result, int):
+        return result
+    return result[-1] if result else 0  # type: ignore[index]
 
 
 def _check_regular(path: str) -> None:
