@@ -139,3 +139,31 @@ def test_every_returned_write_was_covered_by_an_fsync(qpath, threads):
         assert horizon._started <= 50 * threads
         if threads > 1:
             assert horizon._started < 50 * threads
+
+
+def test_failed_fsync_raises_and_says_the_message_is_stored(qpath):
+    """An fsync error (EIO from a failing disk) cannot be undone: the commit
+    is already visible. The write raises StaggerError saying so, the message
+    is there, and the horizon does not claim it durable. The error comes
+    from the real syscall: the WAL descriptor is swapped for a pipe's, on
+    which fdatasync fails (EINVAL) as it would on a failing disk (EIO)."""
+    from stagger_sqlite import StaggerError
+
+    with StaggerQueue(qpath) as q:
+        assert q.write("first") == 1
+        horizon = q._storage._horizon
+        wal_fd = horizon._wal_fd
+        r, w = os.pipe()
+        horizon._wal_fd = r
+        try:
+            with pytest.raises(StaggerError, match="fsync of the WAL failed.*may not survive a power cut") as info:
+                q.write("second")
+            assert qpath in str(info.value)
+            assert horizon.durable_seq == 1
+        finally:
+            horizon._wal_fd = wal_fd
+            os.close(r)
+            os.close(w)
+        assert [m for _, m in q.consume(0, wait=False)] == ["first", "second"]
+        assert q.write("third") == 3
+        assert horizon.durable_seq == 3
