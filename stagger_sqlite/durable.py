@@ -33,7 +33,7 @@ import os
 import struct
 import threading
 import zlib
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from .errors import StaggerError
 
@@ -81,6 +81,7 @@ class Horizon:
         self._read_fd: Optional[int] = None  # lock file, for reading the horizon
         self._closed = False
         self._drop = False  # drop the WAL descriptor after the running fsync
+        self._failed: Dict[int, str] = {}  # fsyncs that failed (rare): number -> why
         #: Highest seqno committed by this process, and known durable.
         self.committed_seq = 0
         self.durable_seq = 0
@@ -121,20 +122,23 @@ class Horizon:
                     finally:
                         cv.acquire()
                 except OSError as e:
-                    raise StaggerError(
-                        f"{self.path}: fsync of the WAL failed ({e}); what was just written is stored "
-                        "but may not survive a power cut"
-                    ) from None
+                    # Every commit this fsync was to cover fails with it,
+                    # its waiters too: retrying would "succeed" (the kernel
+                    # reports a writeback error once) without the data.
+                    self._failed[mine] = f"fsync of the WAL failed ({e})"
                 finally:
+                    self._done = mine
                     self._syncing = False
                     cv.notify_all()
                     if self._closed:
                         self._close_fds()
                     elif self._drop:
                         self._close_wal()
-                self._done = mine
-                if seq > self.durable_seq:
+                if mine not in self._failed and seq > self.durable_seq:
                     self.durable_seq = seq
+            failed = self._failed.get(number)
+            if failed is not None:
+                raise StaggerError(f"{self.path}: {failed}; what was just written is stored but may not survive a power cut")
             return self.durable_seq
 
     def _wal(self) -> Optional[int]:
