@@ -77,6 +77,7 @@ class Horizon:
         self._started = 0  # fsyncs begun by this process (they run one at a time)
         self._done = 0  # of those, finished (all of them: they are serialised)
         self._syncing = False
+        self._waiters = 0  # threads waiting for the running fsync
         self._wal_fd: Optional[int] = None
         self._read_fd: Optional[int] = None  # lock file, for reading the horizon
         self._closed = False
@@ -107,7 +108,11 @@ class Horizon:
         with cv:
             while self._done < number:
                 if self._syncing:
-                    cv.wait()
+                    self._waiters += 1
+                    try:
+                        cv.wait()
+                    finally:
+                        self._waiters -= 1
                     continue
                 self._syncing = True
                 self._started += 1
@@ -129,7 +134,8 @@ class Horizon:
                 finally:
                     self._done = mine
                     self._syncing = False
-                    cv.notify_all()
+                    if self._waiters:  # notify_all is Python: skip it when alone
+                        cv.notify_all()
                     if self._closed:
                         self._close_fds()
                     elif self._drop:
@@ -255,6 +261,7 @@ class Horizon:
         the parent dropped its connection: open the WAL anew."""
         self._cv = threading.Condition(threading.Lock())
         self._syncing = False
+        self._waiters = 0
         self._done = self._started
         self._close_wal()
 
