@@ -170,12 +170,14 @@ class Horizon:
         where = self._where
         if where is None:
             ident = self._ident()
-            if ident is None:
-                return
-            packed = _WHERE.pack(BOOT_ID, *ident)
-            where = self._where = (packed, zlib.crc32(packed))
-        seq_bytes = struct.pack("q", seq)
-        data = where[0] + _SEQ_CRC.pack(seq, zlib.crc32(seq_bytes, where[1]))
+            if ident is not None:
+                packed = _WHERE.pack(BOOT_ID, *ident)
+                where = self._where = (packed, zlib.crc32(packed))
+        if where is None:
+            data = b"\0" * _HORIZON.size  # no horizon to share (not Linux): still ring
+        else:
+            seq_bytes = struct.pack("q", seq)
+            data = where[0] + _SEQ_CRC.pack(seq, zlib.crc32(seq_bytes, where[1]))
         try:
             os.pwrite(lock_fd, data, HORIZON_AT)
         except OSError:
