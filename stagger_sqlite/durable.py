@@ -24,7 +24,10 @@ it would skip the new message). So a full-mode consumer delivers a row only
 once it knows the row is durable: a writer, after its fsync, publishes the
 highest seqno it made durable in the lock file (``HORIZON_AT``), tagged with
 the boot and the queue file it is about; a consumer whose rows go beyond it
-fsyncs the WAL itself (cheap: the writer's fsync is in flight or done).
+fsyncs the WAL itself (cheap: the writer's fsync is in flight or done). The
+publish is also the ring that wakes consumers, so a writer skips it when no
+consumer exists anywhere (``lock.LISTENER_BYTE``): one that comes later finds
+nothing published and makes the backlog durable with one fsync.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ acquire (about 64 µs, half a durable commit) and a blocked waiter polls every
 (``wakeup.py``). Waiting processes announce themselves on other bytes of the
 lock file (POSIX record locks, independent of the flock), so that a process
 writing back to back hands the lock over instead of starving them
-(``WriterLock.acquire``).
+(``WriterLock.acquire``), and so do processes with consumers (an OFD lock on
+``LISTENER_BYTE``): with neither, a release does not ring at all.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ _NO_SLICE = _SLICE_INFO.pack(0.0, 0.0, 0)
 WAITER_BYTE = 1
 STARVING_BYTE = 2
 STARVE = 0.004
+#: Byte of the lock file on which every process with a consumer of the queue
+#: holds a shared open-file-description lock (``wakeup.listen``): a release
+#: rings for news only when someone listens. An OFD lock, not a POSIX one,
+#: because POSIX locks vanish when the process closes any descriptor of the
+#: file (another queue object closing), and a lost announcement would cost
+#: the consumer its wake-ups.
+LISTENER_BYTE = 3
 
 #: ``waiting()``: nobody, some waiter, a starving waiter.
 NOBODY, WAITING, STARVING = 0, 1, 2
@@ -78,6 +86,7 @@ NOBODY, WAITING, STARVING = 0, 1, 2
 #: differs and two lockf calls a byte do the test.
 _FLOCK = struct.Struct("hhqqi4x") if sys.platform.startswith("linux") and fcntl is not None else None
 _ANY_WAITER = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, WAITER_BYTE, 2, 0) if _FLOCK is not None else b""
+_ANYONE = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, WAITER_BYTE, 3, 0) if _FLOCK is not None else b""
 
 
 def open_lock_file(lock_path: str, mode: int) -> int:
@@ -121,6 +130,8 @@ class WriterLock:
         self._bell_tried = False
         #: Still announced as a waiter although holding the lock (see _wait).
         self._announced = False
+        #: Whether some consumer listened at the last release (see release).
+        self.listening = True
         self._pid = os.getpid()  # a WriterLock never crosses a fork (reopened there)
 
     def acquire(self, timeout: Optional[float]) -> bool:
@@ -242,18 +253,21 @@ class WriterLock:
     def release(self, news: bool = True) -> None:
         """Release the lock and ring: rewrite bytes of the lock file, which
         wakes (inotify IN_MODIFY) the consumers waiting for news and the
-        writers waiting for the lock. Without ``news`` it rings only when
-        some writer waits. What it writes is when we will be back, if we are
-        in our slice (``COMEBACK``); the lock itself never depends on the
-        file's content. A ring is a hint: if it fails (a full disk), waiters
-        still look again within their safety poll, and the write stands.
+        writers waiting for the lock. It rings for ``news`` when some
+        consumer listens (``LISTENER_BYTE``; ``self.listening`` says what it
+        found), and whenever some writer waits. What it writes is when we
+        will be back, if we are in our slice (``COMEBACK``); the lock itself
+        never depends on the file's content. A ring is a hint: if it fails (a
+        full disk), waiters still look again within their safety poll, and
+        the write stands.
         """
         fd = self.fd
         if fd is None:
             raise ValueError("writer lock is closed")
         filelock.unlock_descriptor(fd)
         now = self._released_at = time.monotonic()
-        if news or self.waiting():
+        waiting, self.listening = self._who()
+        if waiting or (news and self.listening):
             end = self._run_start + SLICE
             # A slice only for a writer bound by the lock: one that comes back
             # sooner than COMEBACK and than it held the lock. A writer with
@@ -317,12 +331,33 @@ class WriterLock:
             answer = fcntl.fcntl(self._fd(), fcntl.F_GETLK, _ANY_WAITER)
         except OSError:  # no POSIX locks here (some network file systems)
             return NOBODY
-        kind, _whence, start, length, _pid = _FLOCK.unpack(answer)
+        return self._waiters_in(answer)
+
+    def _waiters_in(self, answer: bytes) -> int:
+        """``waiting()`` from an F_GETLK answer that found nobody or a waiter."""
+        kind, _whence, start, length, _pid = _FLOCK.unpack(answer)  # type: ignore[union-attr]
         if kind == fcntl.F_UNLCK:
             return NOBODY
         if start <= STARVING_BYTE and (length == 0 or STARVING_BYTE < start + length):
             return STARVING
         return STARVING if self._test(STARVING_BYTE, 1) is not None else WAITING
+
+    def _who(self) -> Tuple[int, bool]:
+        """(``waiting()``, whether some consumer listens): one F_GETLK while
+        nobody does either. Where listeners cannot be seen (not Linux, no
+        record locks), assume one listens: ring as if."""
+        if fcntl is None or _FLOCK is None:  # pragma: no cover - not Linux
+            return self.waiting(), True
+        try:
+            answer = fcntl.fcntl(self._fd(), fcntl.F_GETLK, _ANYONE)
+        except OSError:
+            return NOBODY, True
+        kind, _whence, start, _length, _pid = _FLOCK.unpack(answer)
+        if kind == fcntl.F_UNLCK:
+            return NOBODY, False
+        if start >= LISTENER_BYTE:  # a listener's lock: and waiters?
+            return self.waiting(), True
+        return self._waiters_in(answer), self._test(LISTENER_BYTE, 1) is not None
 
     def _test(self, start: int, length: int) -> Optional[tuple]:
         """(start, length) of another process's lock on the range, or None."""

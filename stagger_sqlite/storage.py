@@ -537,7 +537,9 @@ class Storage:
         if notify:
             with self._mutex:  # close() closes the lock file under it
                 lock = self._lock
-                if lock is not None and lock.fd is not None:
+                # No consumer anywhere (none listened at our release): no
+                # ring; one that comes later fsyncs what it finds unpublished.
+                if lock is not None and lock.fd is not None and lock.listening:
                     horizon.publish(lock.fd, durable)
 
     def ensure_durable(self, seq: int) -> None:

@@ -36,11 +36,18 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import struct
 import threading
 import weakref
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Set
 
 from . import inotify
+from .lock import LISTENER_BYTE
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -252,6 +259,86 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_hub_in_child)
 
 
+# -- listening: telling writers that some consumer exists ----------------------
+
+#: Lock files this process listens on: path -> [descriptor, inode, consumers].
+_LISTENING: Dict[str, List[int]] = {}
+_LISTENING_LOCK = threading.Lock()
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+#: ``struct flock`` (Linux): a shared lock on LISTENER_BYTE.
+_LISTEN_LOCK = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, LISTENER_BYTE, 1, 0) if _OFD_SETLK else b""
+
+
+def listen(path: str, more: int = 1) -> bool:
+    """Count ``more`` consumers of the queue whose lock file is ``path``;
+    while there is one, this process holds a shared OFD lock on
+    ``LISTENER_BYTE`` of it, and writers ring for news (lock.py). Returns
+    False when it cannot (no such file yet, no OFD locks: not Linux; writers
+    then ring anyway where they cannot see listeners). With ``more=0`` it
+    only re-takes the lock if the lock file was replaced."""
+    if _OFD_SETLK is None:  # pragma: no cover - not Linux: writers always ring
+        return False
+    with _LISTENING_LOCK:
+        entry = _LISTENING.get(path)
+        if entry is None and not more:
+            return False
+        try:
+            ino = os.stat(path).st_ino
+        except OSError:
+            return False
+        if entry is not None and entry[1] == ino:
+            entry[2] += more
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return False
+        try:
+            fcntl.fcntl(fd, _OFD_SETLK, _LISTEN_LOCK)
+        except OSError:
+            os.close(fd)
+            return False
+        refs = more
+        if entry is not None:  # the file was replaced: listen on the new one
+            refs += entry[2]
+            with contextlib.suppress(OSError):
+                os.close(entry[0])
+        _LISTENING[path] = [fd, ino, refs]
+        return True
+
+
+def unlisten(path: str, pid: Optional[int] = None) -> None:
+    """One consumer fewer (``listen``); the last one releases the lock.
+    ``pid``: the process that counted it (a fork child's counts start anew,
+    so a count its parent made is not the child's to take back)."""
+    if pid is not None and pid != os.getpid():
+        return
+    with _LISTENING_LOCK:
+        entry = _LISTENING.get(path)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del _LISTENING[path]
+            with contextlib.suppress(OSError):
+                os.close(entry[0])
+
+
+def _forget_listening_in_child() -> None:
+    # The child's consumers are not the parent's: close the inherited
+    # descriptors (the parent's own keep its locks) and start counting anew.
+    global _LISTENING_LOCK
+    _LISTENING_LOCK = threading.Lock()
+    for fd, _ino, _refs in _LISTENING.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LISTENING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_listening_in_child)
+
+
 def mechanism() -> str:
     """``"inotify"`` when waiters of this process are woken by rings, else ``"poll"``."""
     return "inotify" if _hub() is not None else "poll"
@@ -276,7 +363,22 @@ class Waiter:
         self._channel: Optional[_Channel] = None
         self._seen = 0
         self._finalizer: Optional[weakref.finalize] = None
+        # Before the consumer's catch-up read: a writer that commits after
+        # that read sees us listening, and rings.
+        self._listening: Optional[weakref.finalize] = None
+        self._listen()
         self._attach()
+
+    def _listen(self) -> None:
+        fin = self._listening
+        if fin is not None and fin.alive and fin.peek()[2][1] != os.getpid():  # type: ignore[index]
+            fin.detach()  # counted by the parent before a fork: count anew here
+            fin = None
+        if fin is None or not fin.alive:
+            if listen(self._path):
+                self._listening = weakref.finalize(self, unlisten, self._path, os.getpid())
+        else:
+            listen(self._path, 0)  # re-attaching: the lock file may be new
 
     def _attach(self) -> Optional[_Channel]:
         """The channel to wait on (None: poll), re-made after a fork or once
@@ -285,6 +387,7 @@ class Waiter:
         if ch is not None and ch.alive and hub is _HUB and hub is not None and hub.pid == os.getpid():
             return ch
         self._detach()
+        self._listen()
         hub = _hub()
         if hub is None:
             return None
@@ -398,5 +501,7 @@ class Waiter:
         return not self._closed.is_set()
 
     def close(self) -> None:
-        """Stop watching (idempotent)."""
+        """Stop watching and listening (idempotent)."""
         self._detach()
+        if self._listening is not None:
+            self._listening()

@@ -14,6 +14,7 @@ import pytest
 from stagger_sqlite import StaggerQueue
 from stagger_sqlite import durable
 from stagger_sqlite.durable import HORIZON_AT, Horizon
+from stagger_sqlite.wakeup import listen, unlisten
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -33,8 +34,17 @@ def write_in_other_process(path, n):
     return seqs
 
 
-def test_writer_publishes_what_it_made_durable(qpath):
+@pytest.fixture
+def listening(qpath):
+    """A consumer listens (as every consumer does from the moment it is
+    made): writers publish their horizon, which is also their ring."""
     StaggerQueue(qpath).close()
+    assert listen(qpath + ".lock")
+    yield
+    unlisten(qpath + ".lock")
+
+
+def test_writer_publishes_what_it_made_durable(qpath, listening):
     seqs = write_in_other_process(qpath, 5)
     # A process that never wrote learns it from the lock file alone.
     h = Horizon(qpath)
@@ -44,8 +54,7 @@ def test_writer_publishes_what_it_made_durable(qpath):
         h.close()
 
 
-def test_consumer_delivers_published_messages_without_an_fsync(qpath):
-    StaggerQueue(qpath).close()
+def test_consumer_delivers_published_messages_without_an_fsync(qpath, listening):
     write_in_other_process(qpath, 3)
     with StaggerQueue(qpath) as q:
         assert [s for s, _ in q.consume(0, wait=False)] == [1, 2, 3]
@@ -70,8 +79,7 @@ def test_consumer_beyond_the_horizon_fsyncs_itself(qpath):
             assert horizon._started == 2
 
 
-def test_horizon_of_another_boot_or_file_means_nothing(qpath, tmp_path):
-    StaggerQueue(qpath).close()
+def test_horizon_of_another_boot_or_file_means_nothing(qpath, listening):
     write_in_other_process(qpath, 2)
     h = Horizon(qpath)
     try:
@@ -96,8 +104,22 @@ def test_horizon_of_another_boot_or_file_means_nothing(qpath, tmp_path):
     assert durable.BOOT_ID is not None  # Linux: the boot id is what ties a horizon to this boot
 
 
-def test_new_queue_file_forgets_the_old_horizon(qpath):
+def test_without_a_consumer_nothing_is_published(qpath):
+    """No consumer anywhere: no ring, no horizon. The consumer that comes
+    later makes what it finds durable itself, once for the whole backlog."""
     StaggerQueue(qpath).close()
+    write_in_other_process(qpath, 6)
+    h = Horizon(qpath)
+    try:
+        assert h._published() == 0
+    finally:
+        h.close()
+    with StaggerQueue(qpath) as q:
+        assert [s for s, _ in q.consume(0, wait=False, batch=2)] == [1, 2, 3, 4, 5, 6]
+        assert q._storage._horizon._started == 1
+
+
+def test_new_queue_file_forgets_the_old_horizon(qpath, listening):
     write_in_other_process(qpath, 7)
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(qpath + suffix):

@@ -12,6 +12,7 @@ import pytest
 
 from stagger_sqlite import LockTimeoutError, StaggerQueue
 from stagger_sqlite.inotify import Bell
+from stagger_sqlite.wakeup import listen, unlisten
 from stagger_sqlite.lock import _SLICE_INFO, COMEBACK, SLICE, SLICE_INFO_AT, STARVE, STARVING_BYTE, WAITER_BYTE, WriterLock
 
 from .helpers import wait_for
@@ -102,6 +103,8 @@ def test_a_release_in_another_process_wakes_a_sleeping_writer(qpath):
     StaggerQueue(qpath).close()
     bell = Bell.open(qpath + ".lock")
     assert bell is not None, "inotify is available on Linux, where CI runs"
+    waiter = WriterLock(qpath + ".lock", 0o600)
+    waiter._announce(WAITER_BYTE, True)  # as a waiting writer does
     try:
         bell.clear()
         writer = subprocess.Popen([sys.executable, "-c", WRITE_ONCE, qpath])
@@ -112,11 +115,40 @@ def test_a_release_in_another_process_wakes_a_sleeping_writer(qpath):
         assert bell.clear()
     finally:
         bell.close()
+        waiter.close()
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_a_write_rings_only_when_someone_listens_or_waits(qpath, durability):
+    """A ring is a pwrite of the lock file and an event in every watching
+    process: a writer skips it when no consumer exists anywhere and no writer
+    waits (a spool nobody reads yet pays nothing for wake-ups). Consumers
+    announce themselves (wakeup.listen) from the moment they are made."""
+    write_once = WRITE_ONCE.replace("StaggerQueue(sys.argv[1])", f"StaggerQueue(sys.argv[1], durability={durability!r})")
+    StaggerQueue(qpath).close()
+    bell = Bell.open(qpath + ".lock")
+    assert bell is not None, "inotify is available on Linux, where CI runs"
+    try:
+        bell.clear()
+        assert subprocess.run([sys.executable, "-c", write_once, qpath], timeout=60).returncode == 0
+        assert not bell.clear(), "nobody listened: no ring"
+        with StaggerQueue(qpath) as q:
+            consumer = q.consume(1, wait=False)  # made, not yet iterated: it listens
+            assert subprocess.run([sys.executable, "-c", write_once, qpath], timeout=60).returncode == 0
+            assert bell.clear(), "a consumer listened: the write rang"
+            assert [s for s, _ in consumer] == [2]
+            consumer.close()
+        bell.clear()
+        assert subprocess.run([sys.executable, "-c", write_once, qpath], timeout=60).returncode == 0
+        assert not bell.clear(), "the consumer closed: no ring again"
+    finally:
+        bell.close()
 
 
 def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
     """Commits no consumer waits for (purge, a new group) do not wake
-    consumers, unless a writer waits for the lock and must hear it."""
+    consumers, unless a writer waits for the lock and must hear it; news
+    rings when some consumer listens."""
     StaggerQueue(qpath).close()
     lock = WriterLock(qpath + ".lock", 0o600)
     bell = Bell.open(qpath + ".lock")
@@ -130,7 +162,14 @@ def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
         assert not bell.clear(), "nobody waited: no ring"
         lock.acquire(1)
         lock.release(news=True)
-        assert bell.clear(), "news always rings"
+        assert not bell.clear(), "news, but no consumer listens: no ring"
+        assert listen(qpath + ".lock")  # what every consumer does when it is made
+        try:
+            lock.acquire(1)
+            lock.release(news=True)
+            assert bell.clear(), "news rings for a listening consumer (even one of this process)"
+        finally:
+            unlisten(qpath + ".lock")
         waiter.start()
         assert ready.wait(60)
         lock.acquire(1)
@@ -153,6 +192,7 @@ def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
     holder = WriterLock(qpath + ".lock", 0o600)
     other = WriterLock(qpath + ".lock", 0o600)
     other._pid = -1  # reads the ring as another process would
+    assert listen(qpath + ".lock")  # a consumer listens: every release with news rings
     try:
         holder.acquire(1)
         holder.release()
@@ -180,6 +220,7 @@ def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
         holder.release()
         assert other._holder_slice() == (0.0, 0.0), "it hands over at once"
     finally:
+        unlisten(qpath + ".lock")
         holder.close()
         other.close()
 

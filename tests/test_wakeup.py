@@ -294,3 +294,67 @@ def test_close_while_a_consumer_is_busy_reading_ends_it_quietly(tmp_path):
         q.close()
         t.join(DEADLINE)
         assert not t.is_alive() and errors == []
+
+
+# -- listening: writers ring only while some consumer exists ------------------
+
+
+def listener_seen(path):
+    """Whether another open file description holds the listener byte."""
+    from stagger_sqlite.lock import LISTENER_BYTE, WriterLock
+
+    lock = WriterLock(path + ".lock", 0o600)
+    try:
+        return lock._test(LISTENER_BYTE, 1) is not None
+    finally:
+        lock.close()
+
+
+def test_a_consumer_listens_from_its_making_to_its_close(qpath):
+    StaggerQueue(qpath).close()
+    assert not listener_seen(qpath)
+    with StaggerQueue(qpath) as q:
+        c1 = q.consume(0, wait=False)
+        c2 = q.consume(0, wait=False)
+        assert listener_seen(qpath)
+        c1.close()
+        assert listener_seen(qpath), "one consumer is left"
+        c2.close()
+        assert not listener_seen(qpath)
+        c3 = q.consume(0, wait=False)
+        assert listener_seen(qpath)
+        del c3  # dropped without close: its finalizer stops listening
+        import gc
+
+        gc.collect()
+        assert not listener_seen(qpath)
+
+
+def test_a_forked_child_listens_for_the_consumer_it_inherited(qpath):
+    """A child's consumers are its own: after the fork the child closes the
+    listening descriptors it inherited and its inherited consumer listens
+    anew once it waits, so rings reach it after the parent stopped
+    listening."""
+    import multiprocessing as mp
+
+    StaggerQueue(qpath).close()
+    q = StaggerQueue(qpath)
+    consumer = q.consume(0, wait=2.0)
+    ctx = mp.get_context("fork")
+    waiting, got = ctx.Event(), ctx.Queue()
+
+    def child():
+        waiting.set()
+        got.put([s for s, _ in consumer])
+
+    p = ctx.Process(target=child)
+    p.start()
+    assert waiting.wait(60)
+    consumer.close()  # the parent no longer listens; the child does
+    wait_for(lambda: listener_seen(qpath), message="the child listens")
+    produce(qpath, 0, 1)
+    assert got.get(timeout=60) == [1]
+    p.join(60)
+    assert p.exitcode == 0
+    q.close()
+    wait_for(lambda: not listener_seen(qpath), message="nobody listens once the child is gone")
