@@ -534,12 +534,12 @@ class Storage:
         horizon = self._horizon
         assert horizon is not None
         durable = horizon.sync(self._sync_number)
-        if notify:
+        lock = self._lock
+        # No consumer anywhere (none listened at our release): no ring; one
+        # that comes later fsyncs what it finds unpublished.
+        if notify and lock is not None and lock.listening:
             with self._mutex:  # close() closes the lock file under it
-                lock = self._lock
-                # No consumer anywhere (none listened at our release): no
-                # ring; one that comes later fsyncs what it finds unpublished.
-                if lock is not None and lock.fd is not None and lock.listening:
+                if lock.fd is not None:
                     horizon.publish(lock.fd, durable)
 
     def ensure_durable(self, seq: int) -> None:
