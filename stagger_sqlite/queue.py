@@ -121,7 +121,8 @@ class StaggerQueue:
         path: the queue file; created (with ``mode``) if missing.
         codec: ``"cbor"`` (default), ``"json"``, ``"raw"`` or an object with
             ``dumps(obj) -> bytes`` and ``loads(bytes) -> obj``.
-        durability: ``"full"``: a write that returned survives power loss.
+        durability: ``"full"``: a write that returned survives power loss,
+            and its consumers hand out only messages that would.
             ``"normal"``: it survives any process crash; the last commits may
             be lost on power loss or OS crash.
         timeout: seconds a write may wait for the writer lock (None: forever).
@@ -499,10 +500,12 @@ class StaggerQueue:
 
     def read_page(self, after: int, limit: int) -> List[tuple]:
         """Stored ``(seq, body)`` rows with ``seq > after``, ascending, at most
-        ``limit``; the read transaction ends before this returns.
+        ``limit``; the read transaction ends before this returns. With
+        durability "full" the rows are on disk when it returns.
 
         Raises:
             QueueClosedError: the queue was closed.
+            StaggerError: the fsync that was to make them durable failed.
         """
         def page(conn: apsw.Connection) -> List[tuple]:
             rows = conn.execute(SQL_PAGE, (after, limit)).fetchall()
