@@ -44,10 +44,9 @@ from .errors import StaggerError
 #: bytes, see lock.py): boot id, device and inode of the queue file, seqno,
 #: and a CRC of them (a torn read never passes for a horizon).
 HORIZON_AT = 64
-_HORIZON = struct.Struct("16sQQqI")
-_CHECKED = struct.Struct("16sQQq")
-_WHERE = struct.Struct("16sQQ")  # the part that names boot and file
-_SEQ_CRC = struct.Struct("qI")
+_WHERE = struct.Struct("16sQQ")  # boot id, device and inode of the queue file
+_SEQ_CRC = struct.Struct("qI")  # seqno, CRC of everything before it
+_SIZE = _WHERE.size + _SEQ_CRC.size
 
 
 def _boot_id() -> Optional[bytes]:
@@ -89,8 +88,7 @@ class Horizon:
         #: Highest seqno committed by this process, and known durable.
         self.committed_seq = 0
         self.durable_seq = 0
-        self._identity: Optional[tuple] = None
-        self._where: Optional[Tuple[bytes, int]] = None  # packed boot + file, its CRC
+        self._where_cache: Optional[Tuple[bytes, int]] = None
 
     # -- writers ---------------------------------------------------------
 
@@ -170,14 +168,9 @@ class Horizon:
     def publish(self, lock_fd: int, seq: int) -> None:
         """Tell every process that messages up to ``seq`` are durable (and
         wake the consumers waiting for news: the write rings, see wakeup.py)."""
-        where = self._where
+        where = self._where()
         if where is None:
-            ident = self._ident()
-            if ident is not None:
-                packed = _WHERE.pack(BOOT_ID, *ident)
-                where = self._where = (packed, zlib.crc32(packed))
-        if where is None:
-            data = b"\0" * _HORIZON.size  # no horizon to share (not Linux): still ring
+            data = b"\0" * _SIZE  # no horizon to share (not Linux): still ring
         else:
             seq_bytes = struct.pack("q", seq)
             data = where[0] + _SEQ_CRC.pack(seq, zlib.crc32(seq_bytes, where[1]))
@@ -189,7 +182,7 @@ class Horizon:
     @staticmethod
     def reset(lock_fd: int) -> None:
         """Forget the horizon: the queue file is new (``Storage._create``)."""
-        os.pwrite(lock_fd, b"\0" * _HORIZON.size, HORIZON_AT)
+        os.pwrite(lock_fd, b"\0" * _SIZE, HORIZON_AT)
 
     # -- readers ---------------------------------------------------------
 
@@ -217,8 +210,8 @@ class Horizon:
                 self.durable_seq = seq
 
     def _published(self) -> int:
-        ident = self._ident()
-        if ident is None:
+        where = self._where()
+        if where is None:
             return 0
         with self._cv:  # close() closes the descriptor under it
             if self._closed:
@@ -226,27 +219,26 @@ class Horizon:
             try:
                 if self._read_fd is None:
                     self._read_fd = os.open(self.lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                data = os.pread(self._read_fd, _HORIZON.size, HORIZON_AT)
+                data = os.pread(self._read_fd, _SIZE, HORIZON_AT)
             except OSError:
                 return 0
-        if len(data) != _HORIZON.size:
+        # About this boot and this file, and whole (a torn read fails the CRC).
+        if len(data) != _SIZE or data[: _WHERE.size] != where[0]:
             return 0
-        boot, dev, ino, seq, crc = _HORIZON.unpack(data)
-        if zlib.crc32(data[: _CHECKED.size]) != crc or boot != BOOT_ID or (dev, ino) != ident:
-            return 0
-        return seq
+        seq, crc = _SEQ_CRC.unpack(data[_WHERE.size :])
+        return seq if zlib.crc32(data[_WHERE.size : _SIZE - 4], where[1]) == crc else 0
 
-    def _ident(self) -> Optional[tuple]:
-        """(device, inode) of the queue file: a horizon is about one file."""
-        if BOOT_ID is None:
-            return None
-        if self._identity is None:
+    def _where(self) -> Optional[Tuple[bytes, int]]:
+        """Boot id, device and inode of the queue file, packed, and their
+        CRC: what names the horizon's boot and file (None: not Linux)."""
+        if self._where_cache is None and BOOT_ID is not None:
             try:
                 st = os.stat(self.path)
             except OSError:
                 return None
-            self._identity = (st.st_dev, st.st_ino)
-        return self._identity  # type: ignore[return-value]
+            packed = _WHERE.pack(BOOT_ID, st.st_dev, st.st_ino)
+            self._where_cache = (packed, zlib.crc32(packed))
+        return self._where_cache
 
     # -- lifetime --------------------------------------------------------
 

@@ -369,7 +369,10 @@ class Waiter:
         self._listen()
         self._attach()
 
-    def _listen(self) -> None:
+    def _listen(self, recheck: bool = False) -> None:
+        """Count this consumer in ``listen`` unless it is already counted
+        in this process; ``recheck``: also re-take the lock if the lock file
+        was replaced (one stat; not at every wait of the poll fallback)."""
         fin = self._listening
         if fin is not None and fin.alive and fin.peek()[2][1] != os.getpid():  # type: ignore[index]
             fin.detach()  # counted by the parent before a fork: count anew here
@@ -377,8 +380,8 @@ class Waiter:
         if fin is None or not fin.alive:
             if listen(self._path):
                 self._listening = weakref.finalize(self, unlisten, self._path, os.getpid())
-        else:
-            listen(self._path, 0)  # re-attaching: the lock file may be new
+        elif recheck:
+            listen(self._path, 0)
 
     def _attach(self) -> Optional[_Channel]:
         """The channel to wait on (None: poll), re-made after a fork or once
@@ -387,8 +390,8 @@ class Waiter:
         if ch is not None and ch.alive and hub is _HUB and hub is not None and hub.pid == os.getpid():
             return ch
         self._detach()
-        self._listen()
         hub = _hub()
+        self._listen(recheck=hub is not None)  # re-attaching: the lock file may be new
         if hub is None:
             return None
         if not os.path.exists(self._path):
