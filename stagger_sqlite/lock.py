@@ -132,6 +132,9 @@ class WriterLock:
         self._announced = False
         #: Whether some consumer listened at the last release (see release).
         self.listening = True
+        #: Until when a release need not look who waits or listens: the
+        #: last look found nobody (see release).
+        self._quiet_until = 0.0
         self._pid = os.getpid()  # a WriterLock never crosses a fork (reopened there)
 
     def acquire(self, timeout: Optional[float]) -> bool:
@@ -260,13 +263,27 @@ class WriterLock:
         never depends on the file's content. A ring is a hint: if it fails (a
         full disk), waiters still look again within their safety poll, and
         the write stands.
+
+        Once a look (one F_GETLK) found nobody at all, the releases of the
+        next ``SLICE`` seconds do not look again (a producer without
+        consumers, writing back to back, saves a syscall a write). Whoever
+        comes meanwhile learns nothing from us until then: a new consumer
+        looks again itself after ``wakeup.LISTEN_GRACE``, a new waiter within
+        ``MAX_POLL`` (its bell's timeout).
         """
         fd = self.fd
         if fd is None:
             raise ValueError("writer lock is closed")
         filelock.unlock_descriptor(fd)
         now = self._released_at = time.monotonic()
-        waiting, self.listening = self._who()
+        if now < self._quiet_until:
+            waiting = NOBODY  # and self.listening is False
+        else:
+            waiting, self.listening = self._who()
+            if waiting == NOBODY:
+                self._alone_until = now + SLICE  # a look: acquire need not look soon
+                if not self.listening:
+                    self._quiet_until = now + SLICE
         if waiting or (news and self.listening):
             end = self._run_start + SLICE
             # A slice only for a writer bound by the lock: one that comes back

@@ -202,7 +202,7 @@ class StaggerQueue:
     def _append_one(self, body: bytes, conn: apsw.Connection) -> int:
         # write()'s short path: the same as _append(conn, [body])[0].
         self._promote_due_in(conn)
-        conn.execute(SQL_INSERT, (body,))
+        self._storage.cursor.execute(SQL_INSERT, (body,))
         return conn.last_insert_rowid()
 
     def _promote_due_in(self, conn: apsw.Connection, *, now_anyway: bool = False) -> None:

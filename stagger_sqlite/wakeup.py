@@ -38,11 +38,12 @@ import ctypes
 import os
 import struct
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Set
 
 from . import inotify
-from .lock import LISTENER_BYTE
+from .lock import LISTENER_BYTE, SLICE
 
 try:
     import fcntl
@@ -55,6 +56,12 @@ if TYPE_CHECKING:
 #: Longest a waiter sleeps without letting its consumer look at the file again,
 #: even when no ring came (the safety net of the inotify path).
 SAFETY_POLL = 1.0
+
+#: A writer whose last look found no consumer does not look again (nor
+#: ring) for SLICE seconds (``WriterLock.release``): a consumer that has
+#: just started listening looks again itself once that has passed, and only
+#: then trusts rings alone.
+LISTEN_GRACE = 2 * SLICE
 
 #: The pure-poll fallback: first and longest pause between two looks.
 MIN_POLL = 0.001
@@ -364,8 +371,9 @@ class Waiter:
         self._seen = 0
         self._finalizer: Optional[weakref.finalize] = None
         # Before the consumer's catch-up read: a writer that commits after
-        # that read sees us listening, and rings.
+        # that read sees us listening, and rings (once LISTEN_GRACE passed).
         self._listening: Optional[weakref.finalize] = None
+        self._grace_until = 0.0
         self._listen()
         self._attach()
 
@@ -380,8 +388,21 @@ class Waiter:
         if fin is None or not fin.alive:
             if listen(self._path):
                 self._listening = weakref.finalize(self, unlisten, self._path, os.getpid())
+                self._grace_until = time.monotonic() + LISTEN_GRACE
         elif recheck:
             listen(self._path, 0)
+            self._grace_until = time.monotonic() + LISTEN_GRACE
+
+    def _limit(self, timeout: Optional[float]) -> float:
+        """How long the next wait may sleep: ``timeout``, the safety poll,
+        and, just after we started listening, the end of LISTEN_GRACE."""
+        limit = SAFETY_POLL if timeout is None else max(0.0, min(timeout, SAFETY_POLL))
+        if self._grace_until:
+            left = self._grace_until - time.monotonic()
+            if left > 0:
+                return min(limit, left)
+            self._grace_until = 0.0
+        return limit
 
     def _attach(self) -> Optional[_Channel]:
         """The channel to wait on (None: poll), re-made after a fork or once
@@ -435,7 +456,7 @@ class Waiter:
             return True  # watching anew (after a fork, a replaced file): look first
         hub = self._hub
         assert hub is not None
-        limit = SAFETY_POLL if timeout is None else max(0.0, min(timeout, SAFETY_POLL))
+        limit = self._limit(timeout)
         with hub.lock:
             if ch.generation != self._seen:
                 self._seen = ch.generation
@@ -490,7 +511,7 @@ class Waiter:
                 self._seen = ch.generation
                 return True
             ch.listeners.add(listener)
-        limit = SAFETY_POLL if timeout is None else max(0.0, min(timeout, SAFETY_POLL))
+        limit = self._limit(timeout)
         timer = loop.call_later(limit, fire)
         try:
             if not self._closed.is_set():

@@ -358,3 +358,57 @@ def test_a_forked_child_listens_for_the_consumer_it_inherited(qpath):
     assert p.exitcode == 0
     q.close()
     wait_for(lambda: not listener_seen(qpath), message="nobody listens once the child is gone")
+
+
+def test_a_new_waiters_first_wait_ends_after_the_listen_grace(qpath):
+    """A writer whose last look found no consumer does not look (nor ring)
+    for SLICE seconds; so a consumer that has just started listening does
+    not trust rings alone until LISTEN_GRACE has passed: its first wait
+    ends by then. Later waits sleep until a ring or their timeout."""
+    from stagger_sqlite.wakeup import LISTEN_GRACE, SAFETY_POLL
+
+    with StaggerQueue(qpath) as q:
+        w = Waiter(q._storage)
+        t0 = time.monotonic()
+        assert w.wait(DEADLINE) is True
+        assert time.monotonic() - t0 < SAFETY_POLL / 4, "the first wait ended with the grace, not the safety poll"
+        while time.monotonic() < t0 + LISTEN_GRACE:
+            pass
+        t1 = time.monotonic()
+        assert w.wait(0.2) is True
+        assert time.monotonic() - t1 >= 0.19, "past the grace, a wait without a ring lasts its timeout"
+        w.close()
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_a_consumer_starting_while_a_lone_producer_writes_gets_the_next_write_at_once(qpath, durability):
+    """A producer with no consumer about looks for listeners at most once
+    per SLICE. A consumer that starts meanwhile, catches up and waits must
+    still get the producer's next write promptly, not at the one-second
+    safety poll. The producer writes until it sees the consumer listening,
+    then once more (inside its quiet window, as likely as not) and stops."""
+    from stagger_sqlite.wakeup import SAFETY_POLL
+
+    with StaggerQueue(qpath, durability=durability) as producer:
+        for _ in range(10):
+            start = producer.write("warm")
+            got = {}
+
+            def consume():
+                with StaggerQueue(qpath, durability=durability) as q:
+                    for seq, msg in q.consume(ack=start, wait=DEADLINE):
+                        if msg == "marker":
+                            got["at"] = time.monotonic()
+                            return
+
+            t = threading.Thread(target=consume, daemon=True)
+            t.start()
+            deadline = time.monotonic() + DEADLINE
+            while not listener_seen(qpath):
+                producer.write("warm")
+                assert time.monotonic() < deadline, "the consumer never listened"
+            producer.write("marker")
+            written = time.monotonic()
+            t.join(DEADLINE)
+            assert "at" in got
+            assert got["at"] - written < SAFETY_POLL / 4, "the consumer slept until its safety poll"
