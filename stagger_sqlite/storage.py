@@ -195,6 +195,7 @@ class Storage:
         self._cursor: Optional[apsw.Cursor] = None
         #: durability="full": the WAL fsyncs after commits (durable.py).
         self._horizon = Horizon(path) if durability == "full" else None
+        self._wal_sized = False  # Horizon.preallocate done for this connection
         self._lock: Optional[WriterLock] = None
         self._closed = False
         #: Set by close(); waiters watch it so close() from another thread ends them.
@@ -521,6 +522,9 @@ class Storage:
                 if bound:
                     conn.set_busy_timeout(self._busy_ms(timeout - (time.monotonic() - started)))  # type: ignore[operator]
                 cursor.execute("BEGIN IMMEDIATE")
+                if horizon is not None and not self._wal_sized:
+                    self._wal_sized = True
+                    horizon.preallocate(schema.JOURNAL_SIZE_LIMIT)
                 try:
                     result = fn(conn)
                     cursor.execute("COMMIT")
@@ -635,6 +639,7 @@ class Storage:
             self._horizon.drop_wal()
         conn, self._conn = self._conn, None
         self._cursor = None
+        self._wal_sized = False
         if conn is not None:
             with contextlib.suppress(apsw.Error):
                 conn.close(True)

@@ -163,3 +163,23 @@ def test_group_member_on_a_full_disk(small_fs):
         assert info.acked == written[-1] and info.in_flight == 0
     assert integrity(path) == [("ok",)]
     figure("group member on a full disk", storage_full_raised=full_hit, handed_out_while_full=first_pass, lost=0)
+
+
+def test_a_wal_fill_that_hits_a_full_disk_is_undone(small_fs, monkeypatch):
+    """Full mode gives the WAL its working size (4 MiB of zeros) before the
+    first commit, but only on a file system with room to spare. Made to try
+    on this 2 MB one, the fill fails: the WAL is cut back to its size before
+    the fill, and the write goes on."""
+    from stagger_sqlite import durable
+
+    monkeypatch.setattr(durable, "PREALLOCATE_MIN_FREE", 0)
+    path = str(small_fs / "q.db")
+    with StaggerQueue(path, durability="normal") as q:
+        q.write({"first": 1})
+    before = os.path.getsize(path + "-wal")
+    with StaggerQueue(path) as q:
+        assert q.write({"second": 2}) == 2
+        assert os.path.getsize(path + "-wal") < 1024 * 1024, "the fill was undone"
+        assert [m for _, m in q.consume(0, wait=False)] == [{"first": 1}, {"second": 2}]
+    assert before <= os.path.getsize(path + "-wal")
+    assert integrity(path) == [("ok",)]

@@ -189,3 +189,27 @@ def test_failed_fsync_raises_and_says_the_message_is_stored(qpath):
         assert [m for _, m in q.consume(0, wait=False)] == ["first", "second"]
         assert q.write("third") == 3
         assert horizon.durable_seq == 3
+
+
+# -- the WAL's working size, given up front ----------------------------------
+
+
+def test_full_mode_gives_the_wal_its_working_size_at_the_first_write(tmp_path):
+    """An fsync of a WAL that grew also commits its new size to the file
+    system's journal: a full-mode writer extends the WAL with zeros to the
+    size a checkpoint lets SQLite reuse it at, before its first commit.
+    Zeros past the frames are never read as frames: the queue reads back
+    whole, in this process and in others, and after a kill -9."""
+    from stagger_sqlite.schema import JOURNAL_SIZE_LIMIT
+
+    full, normal = str(tmp_path / "full.db"), str(tmp_path / "normal.db")
+    with StaggerQueue(full) as q, StaggerQueue(normal, durability="normal") as n:
+        assert q.write({"i": 0}) == 1 and n.write({"i": 0}) == 1
+        assert os.path.getsize(full + "-wal") == JOURNAL_SIZE_LIMIT
+        assert os.path.getsize(normal + "-wal") < JOURNAL_SIZE_LIMIT, "normal mode has no fsync to spare"
+        assert q.write_many([{"i": i} for i in range(1, 100)])[-1] == 100
+    assert write_in_other_process(full, 5) == [101, 102, 103, 104, 105]
+    with StaggerQueue(full) as q:
+        assert [m["i"] for _, m in q.consume(0, wait=False)] == list(range(100)) + list(range(5))
+    assert os.path.getsize(full + "-wal") == JOURNAL_SIZE_LIMIT, "a larger WAL is left as it is"
+
