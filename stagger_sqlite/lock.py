@@ -172,9 +172,7 @@ class WriterLock:
             # to be seen (which is what a slice promises anyway).
             waiting = NOBODY
         else:
-            waiting = self.waiting()
-            if waiting == NOBODY:
-                self._alone_until = now + SLICE
+            waiting = self._look(now)
         courteous = waiting == STARVING or (waiting == WAITING and now - self._run_start >= SLICE)
         if not courteous and filelock.lock_descriptor(fd, blocking=False):
             if self._in_run:
@@ -276,14 +274,7 @@ class WriterLock:
             raise ValueError("writer lock is closed")
         filelock.unlock_descriptor(fd)
         now = self._released_at = time.monotonic()
-        if now < self._quiet_until:
-            waiting = NOBODY  # and self.listening is False
-        else:
-            waiting, self.listening = self._who()
-            if waiting == NOBODY:
-                self._alone_until = now + SLICE  # a look: acquire need not look soon
-                if not self.listening:
-                    self._quiet_until = now + SLICE
+        waiting = NOBODY if now < self._quiet_until else self._look(now)
         if waiting or (news and self.listening):
             end = self._run_start + SLICE
             # A slice only for a writer bound by the lock: one that comes back
@@ -298,6 +289,18 @@ class WriterLock:
         if self._announced:
             self._announced = False
             self._announce(WAITER_BYTE, False)
+
+    def _look(self, now: float) -> int:
+        """Who waits for the lock (``waiting()``) and whether some consumer
+        listens (``self.listening``): one F_GETLK. When nobody waits,
+        acquire need not look again for SLICE; when nobody listens either,
+        release need not (see release)."""
+        waiting, self.listening = self._who()
+        if waiting == NOBODY:
+            self._alone_until = now + SLICE
+            if not self.listening:
+                self._quiet_until = now + SLICE
+        return waiting
 
     def _holder_slice(self) -> Tuple[float, float]:
         """(back by, slice end) of another process's last ring, or zeros
