@@ -84,6 +84,14 @@ BACKOFF_JITTER = 0.5
 #: Renew a claim's lease at a hand-out once this share of it has passed.
 RENEW_SHARE = 0.1
 
+#: A member whose last claim got part of a batch (it keeps up with the
+#: writers) claims again no sooner than this after it: claims of a message
+#: or two each, under a steady stream, made members take the writer lock
+#: about as often as the producers, and every hand-over of the lock between
+#: processes costs (W4: 2 producers + 2 members went 1.4x as fast with it).
+#: The price is at most this much latency, only while messages stream in.
+CLAIM_GAP = 0.001
+
 CLAIMED, CLAIMED_ALONE, WAITING, WAITING_ALONE = 0, 1, 2, 3
 
 SQL_GROUP = "SELECT cursor, token FROM groups WHERE name = ?"
@@ -396,6 +404,7 @@ class GroupConsumer:
         self._hand: List[Tuple[int, int]] = []
         self._done: List[Tuple[str, int, int]] = []  # finished locally, to delete at the next write
         self._idle = False  # the last claim found nothing: look before taking the writer lock
+        self._partial_at: Optional[float] = None  # when the last claim got part of a batch (CLAIM_GAP)
         self._idle_deadline: Optional[float] = None  # on self: under asyncio __next__ is re-entered
         #: Optional hook (the worker pool's rate limit, ``control.RateLimiter``):
         #: ``allow(conn, now, want) -> (n, due)`` caps a claim at ``n`` messages
@@ -548,6 +557,15 @@ class GroupConsumer:
                     self._safely(self._renew)
                     continue
                 return
+            if self._partial_at is not None:
+                gap = self._partial_at + CLAIM_GAP - time.monotonic()
+                if gap > 0 and self._wait is not False:  # (wait=False: stop when caught up)
+                    # Through the waiter, not a sleep: close ends it, and
+                    # under asyncio the event loop runs on meanwhile.
+                    if not self._waiter.wait(gap):
+                        raise StopIteration
+                    continue
+                self._partial_at = None
             next_ready = self._safely(lambda: self._claim(want))
             if self._rows:
                 self._idle_deadline = None
@@ -623,6 +641,7 @@ class GroupConsumer:
             return None
         rows, token, ready = claimed
         self._idle = not rows
+        self._partial_at = time.monotonic() if 0 < len(rows) < want else None
         if rows:
             self._rows.extend(rows)
             self._token = token

@@ -681,3 +681,45 @@ def test_group_created_again_after_a_drop_is_fenced_from_old_members(q):
     assert [s for s, _ in new] == [2, 3]
     new.close()
     assert q.groups()["g"].acked == 3
+
+
+def test_a_member_keeping_up_with_a_stream_claims_no_sooner_than_the_gap(qpath, monkeypatch):
+    """A member whose last claim got part of a batch (it keeps up with the
+    writers) claims again no sooner than CLAIM_GAP after it, so that under
+    a steady stream it takes the writer lock for a handful of messages at a
+    time, not for each. Every message still arrives once, in order."""
+    from stagger_sqlite.groups import CLAIM_GAP, GroupConsumer
+
+    claims = []  # (monotonic time of the claim, rows it got, want)
+    real = GroupConsumer._claim
+
+    def spy(self, want):
+        before = len(self._rows)
+        at = time.monotonic()
+        try:
+            return real(self, want)
+        finally:
+            claims.append((at, len(self._rows) - before, want))
+
+    n = 400
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.consume(group="g", wait=False).close()
+        got = []
+
+        def member():
+            with q.consume(group="g", batch=50, wait=5.0) as c:
+                for seq, _ in c:
+                    got.append(seq)
+                    if len(got) == n:
+                        return
+
+        monkeypatch.setattr(GroupConsumer, "_claim", spy)  # a spy: the real claim runs
+        t = threading.Thread(target=member)
+        t.start()
+        for i in range(n):
+            q.write(i)
+        t.join(60)
+    assert got == list(range(1, n + 1))
+    after_partial = [(b[0] - a[0]) for a, b in zip(claims, claims[1:]) if 0 < a[1] < a[2]]
+    assert after_partial, "the member kept up with the writer at least once"
+    assert min(after_partial) >= CLAIM_GAP * 0.99
