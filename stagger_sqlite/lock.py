@@ -64,6 +64,10 @@ COMEBACK = 0.0002
 SLICE_INFO_AT = 8
 _SLICE_INFO = struct.Struct("ddq")  # back by, slice end, pid of the writer
 _NO_SLICE = _SLICE_INFO.pack(0.0, 0.0, 0)
+#: A writer that waited for the lock, or saw others wait, in the last
+#: CONTENDED seconds looks for waiters at every release (no quiet window,
+#: see release): under contention a missed ring costs a waiter its MAX_POLL.
+CONTENDED = 0.1
 #: Bytes of the lock file that waiters lock (shared) to announce themselves:
 #: every waiter on WAITER_BYTE, those waiting for STARVE seconds or more also
 #: on STARVING_BYTE (they get the lock first).
@@ -135,6 +139,8 @@ class WriterLock:
         #: Until when a release need not look who waits or listens: the
         #: last look found nobody (see release).
         self._quiet_until = 0.0
+        #: Until when we count as contended (CONTENDED): no quiet windows.
+        self._contended_until = 0.0
         self._pid = os.getpid()  # a WriterLock never crosses a fork (reopened there)
 
     def acquire(self, timeout: Optional[float]) -> bool:
@@ -181,6 +187,7 @@ class WriterLock:
             return False
         self._wait(fd, timeout, courteous)
         self._acquired_at = self._run_start = time.monotonic()
+        self._contended_until = self._acquired_at + CONTENDED
         self._in_run = True  # it had to wait: it contends, and gets its slice
         return True
 
@@ -264,10 +271,11 @@ class WriterLock:
 
         Once a look (one F_GETLK) found nobody at all, the releases of the
         next ``SLICE`` seconds do not look again (a producer without
-        consumers, writing back to back, saves a syscall a write). Whoever
-        comes meanwhile learns nothing from us until then: a new consumer
-        looks again itself after ``wakeup.LISTEN_GRACE``, a new waiter within
-        ``MAX_POLL`` (its bell's timeout).
+        consumers, writing back to back, saves a syscall a write), unless
+        we waited for the lock or saw waiters in the last ``CONTENDED``
+        seconds. Whoever comes meanwhile learns nothing from us until then:
+        a new consumer looks again itself after ``wakeup.LISTEN_GRACE``, a
+        new waiter within ``MAX_POLL`` (its bell's timeout), once.
         """
         fd = self.fd
         if fd is None:
@@ -298,8 +306,10 @@ class WriterLock:
         waiting, self.listening = self._who()
         if waiting == NOBODY:
             self._alone_until = now + SLICE
-            if not self.listening:
+            if not self.listening and now >= self._contended_until:
                 self._quiet_until = now + SLICE
+        else:
+            self._contended_until = now + CONTENDED
         return waiting
 
     def _holder_slice(self) -> Tuple[float, float]:

@@ -191,6 +191,47 @@ def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
         lock.close()
 
 
+
+def test_a_writer_that_saw_contention_rings_for_every_new_waiter(qpath):
+    """The quiet window (no look, so no ring, for SLICE after a look that
+    found nobody) is for a lone writer only: one that saw another writer
+    wait in the last CONTENDED seconds looks at every release, so a writer
+    that starts waiting is rung at the next release, not at its MAX_POLL."""
+    StaggerQueue(qpath).close()
+    lock = WriterLock(qpath + ".lock", 0o600)
+    bell = Bell.open(qpath + ".lock")
+    ctx = mp.get_context("fork")
+
+    def waiter_comes():
+        ready, done = ctx.Event(), ctx.Event()
+        p = ctx.Process(target=announce_and_wait, args=(qpath + ".lock", WAITER_BYTE, ready, done))
+        p.start()
+        assert ready.wait(60)
+        return p, done
+
+    try:
+        p, done = waiter_comes()
+        lock.acquire(1)
+        lock.release(news=False)
+        assert bell.clear(), "a writer waits: rung"
+        done.set()
+        p.join(60)
+        lock.acquire(1)
+        lock.release(news=False)  # its look finds nobody now ...
+        looked = time.monotonic()
+        assert lock._quiet_until <= looked, "... but it saw contention: no quiet window"
+        p, done = waiter_comes()
+        try:
+            lock.acquire(1)
+            lock.release(news=False)
+            assert bell.clear(), "the new waiter is rung at the next release"
+        finally:
+            done.set()
+            p.join(60)
+    finally:
+        bell.close()
+        lock.close()
+
 def test_a_writer_in_its_slice_tells_waiters_when_it_will_be_back(qpath):
     """The release ring of a writer bound by the lock (it comes back sooner
     than it holds the lock) carries when it will be back (at most COMEBACK
