@@ -54,6 +54,22 @@ def announce_and_wait(lock_path, byte, ready, done):
     lock.close()
 
 
+def a_waiter(qpath):
+    """Another process announced as a writer waiting for the lock, until
+    ``stop()``."""
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=announce_and_wait, args=(qpath + ".lock", WAITER_BYTE, ready, done))
+    p.start()
+    assert ready.wait(60)
+
+    def stop():
+        done.set()
+        p.join(60)
+
+    return stop
+
+
 @pytest.mark.parametrize("byte", [WAITER_BYTE, STARVING_BYTE])
 def test_waiters_announce_themselves_to_other_processes_only(qpath, byte):
     StaggerQueue(qpath).close()
@@ -154,9 +170,7 @@ def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
     StaggerQueue(qpath).close()
     lock = WriterLock(qpath + ".lock", 0o600)
     bell = Bell.open(qpath + ".lock")
-    ctx = mp.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    waiter = ctx.Process(target=announce_and_wait, args=(qpath + ".lock", WAITER_BYTE, ready, done))
+    stop = None
     try:
         bell.clear()
         lock.acquire(1)
@@ -179,14 +193,13 @@ def test_a_release_without_news_rings_only_when_a_writer_waits(qpath):
             assert bell.clear(), "news rings for a listening consumer (even one of this process)"
         finally:
             unlisten(qpath + ".lock")
-        waiter.start()
-        assert ready.wait(60)
+        stop = a_waiter(qpath)
         lock.acquire(1)
         lock.release(news=False)
         assert bell.clear(), "a writer waits: it must hear the release"
     finally:
-        done.set()
-        waiter.join(60)
+        if stop is not None:
+            stop()
         bell.close()
         lock.close()
 
@@ -200,34 +213,19 @@ def test_a_writer_that_saw_contention_rings_for_every_new_waiter(qpath):
     StaggerQueue(qpath).close()
     lock = WriterLock(qpath + ".lock", 0o600)
     bell = Bell.open(qpath + ".lock")
-    ctx = mp.get_context("fork")
-
-    def waiter_comes():
-        ready, done = ctx.Event(), ctx.Event()
-        p = ctx.Process(target=announce_and_wait, args=(qpath + ".lock", WAITER_BYTE, ready, done))
-        p.start()
-        assert ready.wait(60)
-        return p, done
-
     try:
-        p, done = waiter_comes()
-        lock.acquire(1)
-        lock.release(news=False)
-        assert bell.clear(), "a writer waits: rung"
-        done.set()
-        p.join(60)
-        lock.acquire(1)
-        lock.release(news=False)  # its look finds nobody now ...
-        looked = time.monotonic()
-        assert lock._quiet_until <= looked, "... but it saw contention: no quiet window"
-        p, done = waiter_comes()
-        try:
-            lock.acquire(1)
-            lock.release(news=False)
-            assert bell.clear(), "the new waiter is rung at the next release"
-        finally:
-            done.set()
-            p.join(60)
+        for round_ in ("first", "second"):
+            stop = a_waiter(qpath)
+            try:
+                lock.acquire(1)
+                lock.release(news=False)
+                assert bell.clear(), f"{round_} waiter: rung at the next release"
+            finally:
+                stop()
+            if round_ == "first":
+                lock.acquire(1)
+                lock.release(news=False)  # its look finds nobody now ...
+                assert lock._quiet_until <= time.monotonic(), "... but it saw contention: no quiet window"
     finally:
         bell.close()
         lock.close()
