@@ -17,7 +17,6 @@ Run: python benchmarks/bench_groups.py [--quick]
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from stagger_sqlite import StaggerQueue  # noqa: E402
+from race import start_together  # noqa: E402
 
 MESSAGE = {"order": 17, "customer": "ACME Widgets Ltd", "items": [1, 2, 3], "note": "x" * 40}
 
@@ -38,17 +38,7 @@ MESSAGE = {"order": 17, "customer": "ACME Widgets Ltd", "items": [1, 2, 3], "not
 def _race(target, path: str, processes: int):
     """Start ``processes`` of ``target(path, start, counts)`` together; return
     what each counted and the seconds from the start to the last one's end."""
-    ctx = mp.get_context("fork")
-    start, counts = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(path, start, counts)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)  # let every member import and open
-    t0 = time.perf_counter()
-    start.set()
-    per = [counts.get() for _ in procs]
-    for p in procs:
-        p.join()
+    per, t0 = start_together(target, path, processes)
     return per, time.perf_counter() - t0
 
 def _member(path: str, start, counts) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -41,9 +40,9 @@ import apsw  # noqa: E402
 import cbor2  # noqa: E402
 
 import systems as S  # noqa: E402
+from race import CTX, start_together  # noqa: E402
 
 TEXT = ("stagger-" * 13)[:100]
-CTX = mp.get_context("fork")  # children open their own queues after fork
 
 
 def message(i: int) -> Dict[str, Any]:
@@ -440,19 +439,7 @@ def w3g(env: Env, names: List[str]) -> None:
             record("W3g", f"stagger_sqlite group ×{members}", n=0, seconds=0, procs=members,
                    durability="normal", fsync="no", note=f"consumer groups not available in this build ({e})")
             continue
-        start = CTX.Event()
-        outs = []
-        box = CTX.Queue()
-        procs = [CTX.Process(target=_group_member, args=(path, start, box)) for _ in range(members)]
-        for p in procs:
-            p.start()
-        time.sleep(0.5)  # let every member open the queue
-        t0 = time.perf_counter()
-        start.set()
-        for _ in procs:
-            outs.append(box.get(timeout=600))
-        for p in procs:
-            p.join()
+        outs, t0 = start_together(_group_member, path, members)
         got = sum(o["count"] for o in outs)
         seconds = max(o["last"] for o in outs) - t0
         note = "members: " + "/".join(str(o["count"]) for o in outs)
