@@ -178,7 +178,11 @@ class WriterLock:
             # to be seen (which is what a slice promises anyway).
             waiting = NOBODY
         else:
-            waiting = self._look(now)
+            # Waiters only (release's _look also tests for listeners: a
+            # syscall more per acquire under contention, for nothing here).
+            waiting = self.waiting()
+            if waiting == NOBODY:
+                self._alone_until = now + SLICE
         courteous = waiting == STARVING or (waiting == WAITING and now - self._run_start >= SLICE)
         if not courteous and filelock.lock_descriptor(fd, blocking=False):
             if self._in_run:
@@ -300,9 +304,9 @@ class WriterLock:
 
     def _look(self, now: float) -> int:
         """Who waits for the lock (``waiting()``) and whether some consumer
-        listens (``self.listening``): one F_GETLK. When nobody waits,
-        acquire need not look again for SLICE; when nobody listens either,
-        release need not (see release)."""
+        listens (``self.listening``), at a release: one F_GETLK. When nobody
+        waits, acquire need not look again for SLICE; when nobody listens
+        either, release need not (see release)."""
         waiting, self.listening = self._who()
         if waiting == NOBODY:
             self._alone_until = now + SLICE
