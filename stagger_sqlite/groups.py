@@ -28,7 +28,11 @@ have been the one in hand) and is then handed out *alone* (state 3 -> 1):
 a claim of one message is its start mark, so the message that keeps killing
 its worker is the one whose lone deliveries keep expiring, and it reaches
 ``max_attempts`` while the innocent ones finish on their lone delivery. A
-message is never dead-lettered on the strength of a batch expiry alone.
+message is never dead-lettered on the strength of a batch expiry alone. Any
+claim that hands out one message is alone (``batch=1``, or a claim that
+found just one), and a member with ``max_attempts=1`` claims one message at
+a time (its ``next()``; lists from ``next_batch`` stay lists): there, the
+first death must already be pinned on the right message.
 
 Batch hand-out (``next_batch``, for handlers that take a list): the whole
 claim is handed out, and so started, at once, and finished together when the
@@ -61,6 +65,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -105,7 +110,8 @@ SQL_DUE = """SELECT d.seq, d.state, d.attempts, d.error, coalesce(d.body, m.body
     WHERE d.grp = ? AND d.ready <= ? ORDER BY d.ready, d.seq LIMIT ?"""
 SQL_NEW = "SELECT seq, body FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"
 SQL_INSERT_NEW = """INSERT INTO deliveries (grp, seq, state, token, ready)
-    SELECT ?, seq, 0, ?, ? FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"""
+    SELECT ?, seq, ?, ?, ? FROM messages WHERE seq > ? ORDER BY seq LIMIT ?"""
+SQL_ALONE = "UPDATE deliveries SET state = 1 WHERE grp = ? AND seq = ?"
 SQL_FINISH_RANGE = "DELETE FROM deliveries WHERE grp = ? AND seq BETWEEN ? AND ? AND token = ? AND state < 2"
 SQL_TAKE = "UPDATE deliveries SET state = ?, token = ?, ready = ? WHERE grp = ? AND seq = ?"
 SQL_NEXT_READY = "SELECT min(ready) FROM deliveries WHERE grp = ?"
@@ -351,6 +357,17 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _error_arg(error: Any) -> Optional[str]:
+    """``nack``'s ``error``: kept as text (an exception: its message)."""
+    if error is None or isinstance(error, str):
+        return error
+    if isinstance(error, BaseException):
+        return _error_text(error)
+    if isinstance(error, (bytes, bytearray)):
+        return bytes(error).decode("utf-8", "replace")
+    return str(error)
+
+
 # -- the member -------------------------------------------------------------
 
 
@@ -478,7 +495,9 @@ class GroupConsumer:
                 self._hand = [(seq, self._token)]
                 return seq, msg
         while True:
-            self._fill(self._batch)
+            # max_attempts=1: a death must be pinned on one message at its
+            # first delivery, so each is claimed alone (its start mark).
+            self._fill(self._batch if self._max_attempts > 1 else 1)
             seq, body = self._rows.popleft()
             token = self._token
             try:
@@ -730,14 +749,17 @@ class GroupConsumer:
             conn.execute(SQL_TAKE, (CLAIMED_ALONE, token, deadline, group, alone[0]))
             rows = [alone]
         else:
-            conn.executemany(SQL_TAKE, [(CLAIMED, token, deadline, group, seq) for seq, _ in again])
+            # A claim of one message is its start mark too (see the module
+            # docstring): known before (batch 1) or after (it got just one).
+            taken = CLAIMED_ALONE if batch == 1 else CLAIMED
+            conn.executemany(SQL_TAKE, [(taken, token, deadline, group, seq) for seq, _ in again])
             rows = again
             want = batch - len(again)
             if want > 0:
                 # One statement for the rows (binding them one by one costs
                 # more than SQLite's own work), then the same rows' bodies:
                 # nobody else writes while we hold the writer lock.
-                conn.execute(SQL_INSERT_NEW, (group, token, deadline, cursor, want))
+                conn.execute(SQL_INSERT_NEW, (group, taken, token, deadline, cursor, want))
                 new = conn.execute(SQL_NEW, (cursor, want)).fetchall()
                 schema.check_run(conn, self._queue.path, cursor, new)
                 if new:
@@ -745,6 +767,8 @@ class GroupConsumer:
                     rows = rows + new
                 if len(new) < want:
                     cursor = max(cursor, schema.last_seq(conn))  # everything above was purged or never written
+            if len(rows) == 1 and taken == CLAIMED:
+                conn.execute(SQL_ALONE, (group, rows[0][0]))
         if rows:
             conn.execute(SQL_SET_GROUP, (cursor, token, group))
             if self.claim_limit is not None:
@@ -841,14 +865,14 @@ class GroupConsumer:
         self._forget(seq)
         return result
 
-    def nack(self, seq: int, *, delay: Optional[float] = None, error: Optional[str] = None, dead: bool = False) -> bool:
+    def nack(self, seq: int, *, delay: Optional[float] = None, error: Any = None, dead: bool = False) -> bool:
         """Send message ``seq`` back for a later delivery, to any member.
 
         Args:
             delay: seconds before it is delivered again; None: exponential
                 backoff with jitter (see ``backoff``).
             error: why, kept as the message's last error (shown by
-                ``dead_letters``).
+                ``dead_letters``): a str, or an exception (kept as its text).
             dead: dead-letter it now, whatever its attempts (a failure that
                 no retry can mend, e.g. an HTTP 400 from ``forward``).
 
@@ -863,6 +887,7 @@ class GroupConsumer:
         check_int("seq", seq, 1)
         if delay is not None:
             delay = check_seconds("delay", delay)
+        error = _error_arg(error)
         token = self._token_of(seq)
         if token is None:
             return False
@@ -876,7 +901,7 @@ class GroupConsumer:
         self._forget(seq)
         return result
 
-    def nack_all(self, *, delay: Optional[float] = None, error: Optional[str] = None) -> int:
+    def nack_all(self, *, delay: Optional[float] = None, error: Any = None) -> int:
         """``nack`` every message in hand (the list from ``next_batch``, or
         the message from ``next()``) not acked or nacked yet, in one
         transaction. Returns how many took effect (see ``nack``).
@@ -886,6 +911,7 @@ class GroupConsumer:
         """
         if delay is not None:
             delay = check_seconds("delay", delay)
+        error = _error_arg(error)
         hand = self._hand
         if not hand:
             return 0
@@ -951,9 +977,25 @@ class GroupConsumer:
 
     def close(self) -> None:
         """Finish the message(s) in hand, release the unstarted rest at once,
-        and stop. Idempotent; never raises because a lease was lost."""
+        and stop. Idempotent; never raises because a lease was lost.
+
+        Called while an exception is being handled (in an ``except`` or a
+        ``finally`` the exception passes through) with a message in hand, it
+        acts as the end of a ``with`` block that exception leaves: the
+        message in hand is nacked with its text (released, for
+        ``KeyboardInterrupt`` and kin), never finished. So ``try: for ...
+        finally: c.close()`` treats a failure as ``with`` does.
+        """
         if self._closed:
             return
+        exc = sys.exc_info()[1]
+        if exc is not None and self._hand:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        """The normal end: finish what is in hand, release the rest, stop."""
         try:
             self._end()
         finally:
@@ -968,7 +1010,7 @@ class GroupConsumer:
         if self._closed:
             return
         if exc is None:
-            self.close()
+            self._finish()  # not close(): the block may sit in an outer `except`
             return
         try:
             if isinstance(exc, Exception):

@@ -374,6 +374,9 @@ class Waiter:
         # that read sees us listening, and rings (once LISTEN_GRACE passed).
         self._listening: Optional[weakref.finalize] = None
         self._grace_until = 0.0
+        #: Set by close(): a wait in progress (sync or async) ends at once.
+        self._stopped = False
+        self._wake_async: Optional[Callable[[], None]] = None  # the async wait in progress
         self._listen()
         self._attach()
 
@@ -440,13 +443,14 @@ class Waiter:
         """Sleep until a ring since the last wait, the queue's close, or
         ``timeout`` seconds (None: no limit but the safety poll).
 
-        Returns False when the queue was closed (the consumer should stop);
-        True otherwise, including spurious wake-ups: the caller looks again.
+        Returns False when the queue or this Waiter was closed (the consumer
+        should stop); True otherwise, including spurious wake-ups: the caller
+        looks again.
 
         Raises:
             WouldWait: inside :func:`nonblocking`, instead of sleeping.
         """
-        if self._closed.is_set():
+        if self._closed.is_set() or self._stopped:
             return False
         before = self._channel
         ch = self._attach()
@@ -463,16 +467,16 @@ class Waiter:
                 return True
             if getattr(_local, "nonblocking", False):
                 raise WouldWait(self, timeout)
-            if not self._closed.is_set():
+            if not self._closed.is_set() and not self._stopped:  # close() notifies under hub.lock
                 ch.cond.wait(limit)
             self._seen = ch.generation
-        return not self._closed.is_set()
+        return not (self._closed.is_set() or self._stopped)
 
     def _poll_wait(self, timeout: Optional[float]) -> bool:
         if getattr(_local, "nonblocking", False):
             raise WouldWait(self, timeout)
         pause = self._next_pause(timeout)
-        return not self._closed.wait(pause)
+        return not self._closed.wait(pause) and not self._stopped
 
     def _next_pause(self, timeout: Optional[float]) -> float:
         pause = self._pause if timeout is None else min(self._pause, max(timeout, 0.0))
@@ -484,13 +488,13 @@ class Waiter:
 
         Cancelling the awaiting task is clean: nothing is left registered.
         """
-        if self._closed.is_set():
+        if self._closed.is_set() or self._stopped:
             return False
         before = self._channel
         ch = self._attach()
         if ch is None:
             await asyncio.sleep(self._next_pause(timeout))
-            return not self._closed.is_set()
+            return not (self._closed.is_set() or self._stopped)
         if ch is not before:
             return True
         hub = self._hub
@@ -513,19 +517,29 @@ class Waiter:
             ch.listeners.add(listener)
         limit = self._limit(timeout)
         timer = loop.call_later(limit, fire)
+        self._wake_async = listener
         try:
-            if not self._closed.is_set():
+            if not self._closed.is_set() and not self._stopped:
                 await fut
         finally:
+            self._wake_async = None
             timer.cancel()
             with hub.lock:
                 ch.listeners.discard(listener)
         with hub.lock:
             self._seen = ch.generation
-        return not self._closed.is_set()
+        return not (self._closed.is_set() or self._stopped)
 
     def close(self) -> None:
-        """Stop watching and listening (idempotent)."""
+        """Stop watching and listening (idempotent). A wait in progress, in
+        another thread or an awaiting task, returns False at once."""
+        self._stopped = True
+        wake, hub, ch = self._wake_async, self._hub, self._channel
+        if wake is not None:
+            wake()
+        if hub is not None and ch is not None:
+            with hub.lock:
+                ch.cond.notify_all()  # other waiters of the channel just look again
         self._detach()
         if self._listening is not None:
             self._listening()

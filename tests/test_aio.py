@@ -5,6 +5,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from stagger_sqlite import StaggerQueue
 from stagger_sqlite import wakeup
 
@@ -123,6 +125,34 @@ def test_close_from_another_thread_ends_aconsume(qpath):
         return await asyncio.wait_for(task, DEADLINE)
 
     assert asyncio.run(main()) == []
+
+
+@pytest.mark.parametrize("group", [None, "g"])
+def test_closing_a_waiting_aconsume_ends_its_loop(qpath, monkeypatch, group):
+    # The consumer's own close() (not the queue's) ends a task awaiting new
+    # messages at once: the safety poll is made an hour, so nothing else could.
+    monkeypatch.setattr(wakeup, "SAFETY_POLL", 3600.0)
+
+    async def main():
+        with StaggerQueue(qpath) as q:
+            q.write("one")
+            c = q.aconsume(wait=True, group=group)
+            got = []
+
+            async def consume():
+                async for item in c:
+                    got.append(item)
+
+            task = asyncio.create_task(consume())
+            while not (got and c._waiter._wake_async is not None):  # it awaits the next message
+                await asyncio.sleep(0.01)
+            c.close()
+            await asyncio.wait_for(task, DEADLINE)
+            return got, (q.groups()[group].acked if group else None)
+
+    got, acked = asyncio.run(main())
+    assert got == [(1, "one")]
+    assert acked == (1 if group else None)
 
 
 def test_scheduled_message_reaches_aconsume(qpath):

@@ -205,15 +205,20 @@ def test_dead_letter_survives_purge_and_requeue_restores_it(q):
 def test_exception_in_body_nacks_in_hand_and_releases_rest_at_once(q):
     q.write_many(range(10))
     with pytest.raises(RuntimeError):
-        with q.consume(group="g", batch=10, lease=30, max_attempts=1, wait=False) as c:
+        with q.consume(group="g", batch=10, lease=30, max_attempts=2, wait=False) as c:
             for seq, _ in c:
                 if seq == 3:
                     raise RuntimeError("boom on 3")
-    [dead] = q.dead_letters("g")
-    assert (dead.seq, dead.attempts, dead.error) == (3, 1, "boom on 3")
     info = q.groups()["g"]
-    assert (info.acked, info.in_flight, info.retrying, info.dead) == (3, 0, 0, 1)  # dead counts as finished
-    assert drain(q, "g", lease=30) == list(range(4, 11))  # released: no lease wait
+    assert (info.acked, info.in_flight, info.retrying, info.dead) == (2, 0, 1, 0)
+    assert drain(q, "g", lease=30) == list(range(4, 11))  # released: no lease wait, no attempt
+    with q.consume(group="g", max_attempts=2, wait=30) as c:
+        seq, _ = next(c)  # 3, after its backoff
+        c.nack(seq, error="boom again")
+    [dead] = q.dead_letters("g")
+    assert (dead.seq, dead.attempts, dead.error) == (3, 2, "boom again")
+    info = q.groups()["g"]
+    assert (info.acked, info.in_flight, info.retrying, info.dead) == (10, 0, 0, 1)  # dead counts as finished
 
 
 def test_exception_in_body_retries_with_backoff(q):
@@ -226,6 +231,72 @@ def test_exception_in_body_retries_with_backoff(q):
     got = take(q, "g", 3)  # 2 and 3 at once, 1 when its retry falls due
     assert sorted(got) == [1, 2, 3]
     assert q.groups()["g"].acked == 3
+
+
+def test_close_in_finally_of_a_failing_loop_nacks_the_message_in_hand(q):
+    # try/finally instead of `with`: close() sees the exception passing
+    # through and nacks the message in hand as `with` would (never acks it).
+    q.write_many(range(5))
+    c = q.consume(group="g", batch=5, lease=30, wait=False)
+    with pytest.raises(ValueError):
+        try:
+            for seq, _ in c:
+                if seq == 2:
+                    raise ValueError("boom on 2")
+        finally:
+            c.close()
+    info = q.groups()["g"]
+    assert (info.acked, info.retrying, info.in_flight) == (1, 1, 0)  # 1 was finished, 2 waits for a retry
+    assert drain(q, "g", lease=30) == [3, 4, 5]  # released at once
+    c = q.consume(group="g", max_attempts=1, wait=30)
+    try:
+        raise ValueError("boom on 2 again")
+    except ValueError:
+        assert next(c)[0] == 2  # after its backoff
+        c.close()
+    [dead] = q.dead_letters("g")
+    assert (dead.seq, dead.attempts, dead.error) == (2, 2, "boom on 2 again")
+
+
+def test_close_in_an_except_block_nacks_and_interrupt_releases(q):
+    q.write_many(range(3))
+    c = q.consume(group="g", batch=3, lease=30, wait=False)
+    seq, _ = next(c)
+    try:
+        raise OSError("disk gone")
+    except OSError:
+        c.close()
+    info = q.groups()["g"]
+    assert (seq, info.retrying, info.in_flight) == (1, 1, 0)
+    c = q.consume(group="h", batch=3, lease=30, wait=False)
+    next(c)
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        c.close()  # not the message's fault: released, no attempt counted
+    assert drain(q, "h") == [1, 2, 3]
+    assert q.groups()["h"].dead == 0
+
+
+def test_a_with_block_ending_normally_inside_an_outer_except_finishes(q):
+    q.write_many(range(3))
+    try:
+        raise LookupError("unrelated, already handled")
+    except LookupError:
+        with q.consume(group="g", batch=3, wait=False) as c:
+            assert next(c)[0] == 1
+    info = q.groups()["g"]
+    assert (info.acked, info.retrying) == (1, 0)
+
+
+def test_nack_error_may_be_an_exception(q):
+    q.write_many(range(2))
+    with q.consume(group="g", batch=1, max_attempts=1, wait=False) as c:
+        seq, _ = next(c)
+        assert c.nack(seq, error=ValueError("bad input")) is True
+        seq, _ = next(c)
+        assert c.nack(seq, error=b"raw bytes") is True
+    assert [(d.seq, d.error) for d in q.dead_letters("g")] == [(1, "bad input"), (2, "raw bytes")]
 
 
 def test_bare_for_loop_left_by_exception_releases_rest_and_leases_the_one_in_hand(q):
@@ -314,10 +385,10 @@ def test_purge_bound_with_out_of_order_finishes(q):
 def test_group_info_figures(q):
     q.write_many(range(10))
     assert q.groups() == {}
-    with q.consume(group="g", batch=4, max_attempts=1, wait=False) as c:
+    with q.consume(group="g", batch=4, wait=False) as c:
         assert next(c)[0] == 1
         assert next(c)[0] == 2  # 1 finished locally
-        c.nack(2, delay=60, error="later")  # attempts 1 >= 1: dead
+        c.nack(2, error="hopeless", dead=True)
         assert next(c)[0] == 3
         c2 = q.consume(group="g", batch=2, max_attempts=5, wait=False)
         assert next(c2)[0] == 5

@@ -157,7 +157,7 @@ def test_member_killed_mid_batch_loses_nothing(qpath):
         wait_for(lambda: q.groups()["g"].acked == 100, 30)
 
 
-def run_killing_members(q, qpath, target, log, killer, max_attempts, messages=20):
+def run_killing_members(q, qpath, target, log, killer, max_attempts, messages=20, batch=10):
     """Start members one after another (each may die on the killer) until
     the group has finished all ``messages``; a deadline, never a hang."""
     deadline = time.monotonic() + 120
@@ -166,19 +166,22 @@ def run_killing_members(q, qpath, target, log, killer, max_attempts, messages=20
         if info is not None and info.acked == messages:
             return
         assert time.monotonic() < deadline, f"not finished: {info}"
-        p = CTX.Process(target=target, args=(qpath, log, killer, 10, 1.5, max_attempts))
+        p = CTX.Process(target=target, args=(qpath, log, killer, batch, 1.5, max_attempts))
         p.start()
         p.join(60)
         assert p.exitcode in (0, 3)
 
 
-def test_message_that_kills_its_worker_is_dead_lettered_alone(qpath, tmp_path):
+@pytest.mark.parametrize("max_attempts, batch", [(3, 10), (1, 10), (1, 1)])
+def test_message_that_kills_its_worker_is_dead_lettered_alone(qpath, tmp_path, max_attempts, batch):
+    # max_attempts=1: dead at its first death (members then claim one at a
+    # time, so the death is pinned on it), delivered once, never twice.
     log = str(tmp_path / "starts.log")
-    max_attempts, killer = 3, 5
+    killer = 5
     with StaggerQueue(qpath, durability="normal") as q:
         q.write_many([{"n": i} for i in range(1, 21)])
     with StaggerQueue(qpath) as q:
-        run_killing_members(q, qpath, killing_member, log, killer, max_attempts)
+        run_killing_members(q, qpath, killing_member, log, killer, max_attempts, batch=batch)
         [dead] = q.dead_letters("g")
         assert (dead.seq, dead.msg, dead.attempts) == (killer, {"n": killer}, max_attempts)
         assert "lease" in dead.error

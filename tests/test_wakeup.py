@@ -215,6 +215,35 @@ def test_waiter_interface_for_timed_waits(qpath):
     assert w2.wait(DEADLINE) is False  # the queue was closed
 
 
+@pytest.mark.parametrize("mode", ["inotify", "poll"])
+def test_closing_a_waiter_ends_its_wait_in_another_thread(qpath, monkeypatch, mode):
+    # A consumer closed while it waits stops now, not at the safety poll
+    # (made an hour here, so only the close can end the wait).
+    from stagger_sqlite import wakeup
+
+    monkeypatch.setattr(wakeup, "SAFETY_POLL", 3600.0)
+    monkeypatch.setattr(wakeup, "MAX_POLL", 3600.0)
+    if mode == "poll":
+        monkeypatch.setattr(wakeup, "_hub", lambda: None)
+    with StaggerQueue(qpath) as q:
+        w = Waiter(q._storage)
+        assert (w._channel is None) == (mode == "poll")
+        returned = []
+
+        def wait_until_false():  # True: a spurious wake-up (the listening grace)
+            while w.wait(None):
+                pass
+            returned.append(False)
+
+        t = threading.Thread(target=wait_until_false, daemon=True)
+        t.start()
+        time.sleep(0.05)  # close before or during the wait: both must end it
+        w.close()
+        t.join(DEADLINE)
+        assert returned == [False]
+        assert w.wait(None) is False  # and any later wait ends at once
+
+
 def test_consumer_made_before_fork_waits_in_the_child(qpath):
     if not hasattr(os, "fork"):
         pytest.skip("no fork")
