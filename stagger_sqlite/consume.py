@@ -51,7 +51,7 @@ class Consumer(metaclass=abc.ABCMeta):
         purge: Optional[int],
         wait: Union[bool, float],
     ) -> None:
-        check_int("ack", ack)
+        check_int("ack", ack, maximum=None)  # beyond last_seq: AckOutOfRangeError
         check_int("batch", batch, 1)
         if purge is not None:
             check_int("purge", purge)

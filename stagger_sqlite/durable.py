@@ -329,6 +329,13 @@ class Horizon:
             if not self._syncing:
                 self._close_fds()
 
+    def __del__(self) -> None:
+        # Dropped without close() (a queue never closed): no descriptor leaks.
+        try:
+            self._close_fds()
+        except Exception:  # at interpreter exit
+            pass
+
     def _close_wal(self) -> None:
         self._drop = False
         fd, self._wal_fd = self._wal_fd, None

@@ -400,7 +400,7 @@ class GroupConsumer:
         purge: Optional[int] = None,
     ) -> None:
         self.group = check_group(group)
-        check_int("ack", ack)
+        check_int("ack", ack, maximum=None)  # beyond last_seq: AckOutOfRangeError
         self._batch = check_int("batch", batch, 1)
         lease_s = check_seconds("lease", lease, allow_none=False)
         if not lease_s:

@@ -426,6 +426,15 @@ class WriterLock:
             fd, self.fd = self.fd, None
             os.close(fd)
 
+    def __del__(self) -> None:
+        # A queue dropped without close(): its descriptor goes with it, or a
+        # loop of StaggerQueue(p).write(x) runs out of descriptors.
+        if self.fd is not None and self._pid == os.getpid():
+            try:
+                self.close()
+            except Exception:  # at interpreter exit, or a bell already gone
+                pass
+
     def _fd(self) -> int:
         if self.fd is None:
             raise ValueError("writer lock is closed")

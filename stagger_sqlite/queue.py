@@ -100,9 +100,13 @@ def due_time(delay: Any, at: Any) -> float:
         if at.tzinfo is None or at.utcoffset() is None:
             raise ValueError(f"`at` must be a timezone-aware datetime, not the naive {at!r}")
         return at.timestamp()
-    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
-        raise ValueError(f"`at` must be a timezone-aware datetime or epoch seconds, not {at!r}")
-    return float(at)
+    try:
+        seconds = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else math.nan
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"`at` must be a timezone-aware datetime or finite epoch seconds, not {at!r:.60}")
+    return seconds
 
 
 def reclaim(conn: apsw.Connection) -> None:
@@ -158,6 +162,12 @@ class StaggerQueue:
         self.path = os.fspath(path)
         if not isinstance(self.path, str):
             raise ValueError(f"`path` must be a str or os.PathLike of str, not {path!r}")
+        if not self.path:
+            raise ValueError("`path` must name the queue file, not ''")
+        if os.path.islink(self.path):
+            # SQLite follows the link and keeps -wal/-shm beside the file it
+            # points to: the lock file, and the WAL we fsync, must be there too.
+            self.path = os.path.realpath(self.path)
         self.durability = durability
         self._storage = Storage(self.path, durability=durability, timeout=timeout, mode=mode)
         self._due_check_at = 0.0  # see DUE_CHECK_INTERVAL
@@ -173,6 +183,8 @@ class StaggerQueue:
             StorageFullError: the disk is full; nothing was written.
             QueueClosedError: the queue was closed.
         """
+        if self._storage._closed:  # before the message's own errors (SPEC §1)
+            self._refuse_closed()
         body = codecs.encode(self._codec, msg)
         # partial, not a lambda: one Python frame less on the hottest path.
         return self._storage.write(functools.partial(self._append_one, body), may_raise=False, appends=True)
@@ -189,6 +201,8 @@ class StaggerQueue:
             EncodeError: the codec cannot encode one of them; none was written.
             LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
+        if self._storage._closed:
+            self._refuse_closed()
         bodies = [codecs.encode(self._codec, m) for m in msgs]
         if not bodies:
             self._storage.read(lambda conn: None)  # still refuse a closed queue
@@ -232,6 +246,8 @@ class StaggerQueue:
             EncodeError: the codec cannot encode ``msg``; nothing was stored.
             LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
+        if self._storage._closed:
+            self._refuse_closed()
         due = due_time(delay, at)
         body = codecs.encode(self._codec, msg)
 
@@ -379,6 +395,8 @@ class StaggerQueue:
                 too, even for an existing group whose ``ack`` is ignored).
             QueueClosedError: the queue was closed.
         """
+        if self._storage._closed:
+            self._refuse_closed()
         if group is not None:
             if isinstance(ack, int) and not isinstance(ack, bool) and ack > 0:
                 # SPEC §3 for every consume: `ack` is ignored for an existing
@@ -537,10 +555,13 @@ class StaggerQueue:
             ValueError: ``upto`` is negative or not an integer.
             LockTimeoutError, QueueClosedError: as ``write``.
         """
+        if self._storage._closed:
+            self._refuse_closed()
         if upto is not None:
             check_int("upto", upto)
 
         def remove(conn: apsw.Connection) -> int:
+            self._promote_due_in(conn, now_anyway=True)  # a due entry is a message: purged like one
             bound = last_seq(conn) if upto is None else upto
             floor = groups_.finished_floor(conn)
             if floor is not None:
@@ -554,6 +575,9 @@ class StaggerQueue:
         return self._storage.write(remove, notify=False)
 
     # -- lifetime --------------------------------------------------------
+
+    def _refuse_closed(self) -> None:
+        raise QueueClosedError(f"queue {self.path} is closed")
 
     @property
     def closed(self) -> bool:

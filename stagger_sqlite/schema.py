@@ -126,7 +126,10 @@ def check_header(path: str, header: bytes) -> None:
 
 
 def check_version(path: str, version: int) -> None:
-    """Raises NotAQueueError when ``version`` is newer than this release knows."""
+    """Raises NotAQueueError when ``version`` is newer than this release
+    knows, or below 1 (every queue file was made with a version)."""
+    if version < 1:
+        raise NotAQueueError(f"{path} carries the queue identity but no format version ({version}): not a queue")
     if version > FORMAT_VERSION:
         raise NotAQueueError(
             f"{path} has queue format version {version}; this release of stagger_sqlite "

@@ -53,6 +53,8 @@ def storage_error(path: str, e: apsw.Error) -> Exception:
     reports busy only when something outside stagger_sqlite held the file for
     the whole timeout). An error it does not know is returned unchanged.
     """
+    if isinstance(e, apsw.TooBigError):
+        return StorageFullError(f"{path}: larger than SQLite's size limit for one value or row ({e}); nothing of this write was stored")
     if isinstance(e, apsw.FullError):
         return StorageFullError(f"{path}: the disk or the queue's size limit is full ({e}); nothing of this write was stored")
     if isinstance(e, (apsw.BusyError, apsw.LockedError)):

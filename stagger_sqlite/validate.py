@@ -6,13 +6,28 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 
-def check_int(name: str, value: Any, minimum: int = 0) -> int:
-    """Raises ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
+#: SQLite's largest integer: seqnos, counts and limits live in its columns.
+INT_MAX = 2**63 - 1
+
+
+def check_int(name: str, value: Any, minimum: int = 0, maximum: Optional[int] = INT_MAX) -> int:
+    """Raises ValueError unless ``value`` is an int (not a bool) between
+    ``minimum`` and ``maximum`` (None: no bound, for a caller that compares
+    it with something smaller itself)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"`{name}` must be an integer, not {value!r}")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, not {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {INT_MAX} (SQLite's largest integer), not {value}")
     return value
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond any float
+        raise ValueError(f"`{name}` is too large a number of seconds ({len(str(value))} digits)") from None
 
 
 def check_seconds(name: str, value: Any, *, allow_none: bool = True) -> Optional[float]:
@@ -22,7 +37,7 @@ def check_seconds(name: str, value: Any, *, allow_none: bool = True) -> Optional
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
         extra = " or None" if allow_none else ""
         raise ValueError(f"`{name}` must be a non-negative number of seconds{extra}, not {value!r}")
-    return float(value)
+    return _seconds(name, value)
 
 
 def check_wait(wait: Any) -> Union[bool, float]:
@@ -30,5 +45,5 @@ def check_wait(wait: Any) -> Union[bool, float]:
     if isinstance(wait, bool):
         return wait
     if isinstance(wait, (int, float)) and wait == wait and wait >= 0:
-        return float(wait)
+        return _seconds("wait", wait)
     raise ValueError(f"`wait` must be True, False or a non-negative number of seconds, not {wait!r}")

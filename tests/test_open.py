@@ -117,6 +117,62 @@ def test_a_newer_format_version_is_refused_untouched(qpath):
     assert "upgrade" in str(err)
 
 
+def test_the_queue_identity_with_no_format_version_is_refused_untouched(qpath):
+    _make_queue_then_set_version(qpath, 0)
+    os.unlink(qpath + ".lock")
+    assert_refused_untouched(qpath, match="no format version")
+
+
+def test_a_symlink_to_the_queue_file_shares_its_lock_and_wal(tmp_path):
+    # SQLite keeps -wal/-shm beside the file the link points to; the writer
+    # lock (which other tools take) and the WAL fsynced in full mode follow.
+    import filelock
+
+    from stagger_sqlite import LockTimeoutError
+
+    real, link = str(tmp_path / "real.db"), str(tmp_path / "link.db")
+    StaggerQueue(real).close()
+    os.symlink("real.db", link)
+    with StaggerQueue(link, timeout=0.2) as q:
+        assert q.path == real
+        q.write("through the link")
+        assert q._storage._horizon._wal_fd is not None  # the WAL it fsyncs is the live one
+        with filelock.FileLock(real + ".lock"):
+            with pytest.raises(LockTimeoutError):
+                q.write("blocked by the real file's lock")
+    assert not os.path.exists(link + ".lock") and os.path.islink(link)
+    with StaggerQueue(real) as q:
+        assert [m for _, m in q.consume(wait=False)] == ["through the link"]
+
+
+def test_an_empty_path_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path"):
+        StaggerQueue("")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_queue_dropped_without_close_leaves_no_descriptor_open(qpath):
+    # `StaggerQueue(p).write(x)` in a loop must not run out of descriptors.
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    for durability in ("full", "normal"):  # the first round makes what lives on (the wake-up hub)
+        q = StaggerQueue(qpath, durability=durability)
+        q.write("x")
+        list(q.consume(wait=False))
+        list(q.consume(group="g", wait=False))
+        q.close()
+    before = open_fds()
+    for i in range(30):
+        q = StaggerQueue(qpath, durability=("full", "normal")[i % 2])
+        q.write(i)
+        list(q.consume(ack=i, wait=False))
+        list(q.consume(group="g", wait=False))
+        del q
+    assert open_fds() == before
+
+
 def test_a_newer_version_only_in_the_wal_is_refused(qpath):
     """The header on disk may be stale while the WAL holds a newer version."""
     with StaggerQueue(qpath) as q:

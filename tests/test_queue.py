@@ -2,6 +2,7 @@
 
 import pathlib
 import threading
+import time
 
 import pytest
 
@@ -199,6 +200,13 @@ def test_close_is_idempotent_and_use_after_close_raises(qpath):
         lambda: q.purge(),
         lambda: q.consume(wait=False),
         lambda: q.__enter__(),
+        # the closed queue comes first, before the arguments' own errors
+        lambda: q.write(object()),
+        lambda: q.write_many([object()]),
+        lambda: q.schedule(object(), delay=-1),
+        lambda: q.consume(ack=-1),
+        lambda: q.consume(group="g", batch=0),
+        lambda: q.purge(-1),
     ):
         with pytest.raises(QueueClosedError, match="closed"):
             use()
@@ -287,3 +295,46 @@ def test_a_full_disk_is_storage_full_error_and_writes_nothing(qpath):
         q._storage.read(lambda c: c.execute("PRAGMA max_page_count = 1000000").fetchall())
         assert q.write(b"later") == 2
         assert [m for _, m in q.consume(wait=False)] == [b"kept", b"later"]
+
+
+def test_a_message_beyond_sqlites_size_limit_is_storage_full_error(qpath):
+    # (SQLite's limit lowered for the test: the real one is 1e9 bytes)
+    import apsw
+
+    with StaggerQueue(qpath, codec="raw") as q:
+        q.write(b"kept")
+        q._storage._connection().limit(apsw.SQLITE_LIMIT_LENGTH, 1000)
+        with pytest.raises(StorageFullError, match="size limit"):
+            q.write(b"x" * 2000)
+        with pytest.raises(StorageFullError, match=qpath):
+            q.write_many([b"small", b"x" * 2000])
+        assert (q.last_seq, len(q)) == (1, 1)
+        assert q.write(b"small") == 2
+
+
+@pytest.mark.parametrize("call", [
+    lambda q: q.consume(batch=2**63),
+    lambda q: q.purge(2**63),
+    lambda q: q.schedule(1, delay=10**400),
+    lambda q: q.schedule(1, at=10**400),
+    lambda q: q.consume(wait=10**400),
+    lambda q: StaggerQueue(q.path, timeout=10**400),
+])
+def test_numbers_beyond_sqlite_or_float_are_value_errors(qpath, call):
+    with StaggerQueue(qpath) as q:
+        with pytest.raises(ValueError):
+            call(q)
+        with pytest.raises(AckOutOfRangeError):  # still the range error, however large
+            q.consume(ack=2**70)
+
+
+def test_purge_everything_takes_due_scheduled_messages_too(qpath):
+    # A due entry is a message: purge() removes it like one.
+    with StaggerQueue(qpath) as q:
+        q.write_many(["a", "b"])
+        q.schedule("due", delay=0.05)
+        q.schedule("later", delay=3600)
+        time.sleep(0.1)  # due now, and no write since: not promoted yet
+        assert q.purge() == 3
+        assert len(q) == 0 and list(q.consume(wait=False)) == []
+        assert q.last_seq == 3  # the due one got its seqno, then went
