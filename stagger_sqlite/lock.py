@@ -429,7 +429,7 @@ class WriterLock:
     def __del__(self) -> None:
         # A queue dropped without close(): its descriptor goes with it, or a
         # loop of StaggerQueue(p).write(x) runs out of descriptors.
-        if self.fd is not None and self._pid == os.getpid():
+        if getattr(self, "fd", None) is not None and self._pid == os.getpid():  # (__init__ may have failed)
             try:
                 self.close()
             except Exception:  # at interpreter exit, or a bell already gone
