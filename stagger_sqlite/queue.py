@@ -274,16 +274,18 @@ class StaggerQueue:
         """``fn(conn)`` read after promoting the scheduled entries that are
         due, so figures count them (SPEC §2: a due entry *is* a message).
 
-        One read when none is due (the due check rides in it). A failed
-        promotion (lock timeout, read-only file) is left to the next writer
-        or consumer: the figures then show what is stored.
+        One read when none is due (the due check rides in it). A promotion
+        that would wait (some writer holds the lock: a figure must not wait
+        for another process's write) or fails (lock timeout, read-only
+        file) is left to the next writer or consumer: the figures then show
+        what is stored.
         """
 
         def read(conn: apsw.Connection) -> Any:
             return fn(conn), conn.execute(SQL_NEXT_DUE).fetchall()[0][0]
 
         result, due = self._storage.read(read, snapshot=snapshot)
-        if due is None or due > time.time():
+        if due is None or due > time.time() or self._storage.writer_busy():
             return result
         try:
             self._promote_due()

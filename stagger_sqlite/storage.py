@@ -30,7 +30,7 @@ import apsw
 from . import schema
 from .durable import Horizon
 from .errors import LockTimeoutError, NotAQueueError, QueueClosedError, StaggerError, StorageFullError
-from .lock import WriterLock
+from .lock import WriterLock, held
 from .wakeup import CloseEvent
 
 T = TypeVar("T")
@@ -102,6 +102,7 @@ def _before_fork() -> None:
     # reopen lazily. Taking each mutex first waits out a transaction in flight.
     _FORKING[:] = list(_LIVE)
     for s in _FORKING:
+        s._lock_guard.acquire()
         s._mutex.acquire()
         s._drop_handles()
 
@@ -109,6 +110,7 @@ def _before_fork() -> None:
 def _after_fork_parent() -> None:
     for s in _FORKING:
         s._mutex.release()
+        s._lock_guard.release()
     _FORKING.clear()
 
 
@@ -116,6 +118,7 @@ def _after_fork_child() -> None:
     for s in _FORKING:
         # Other threads did not survive the fork; start from fresh locks.
         s._mutex = threading.RLock()
+        s._lock_guard = threading.Lock()
         s._group_lock = threading.Lock()
         s._group = threading.Condition(s._group_lock)
         s._gather = threading.Condition(s._group_lock)
@@ -179,7 +182,10 @@ class Storage:
         self.durability = durability
         self.timeout = timeout
         self.mode = mode
-        self._mutex = threading.RLock()
+        self._mutex = threading.RLock()  # the connection
+        #: Held by a writer from before it waits for the writer lock until
+        #: its commit; close and fork take it first, then the mutex.
+        self._lock_guard = threading.Lock()
         # Group commit: writers queue in _pending; one leads at a time.
         self._group_lock = threading.Lock()
         self._group = threading.Condition(self._group_lock)
@@ -334,6 +340,10 @@ class Storage:
                     e.errno, f"cannot open the writer lock file {self.lock_path} ({e.strerror}): writes are refused, reads still work", self.lock_path
                 ) from None
         return self._lock
+
+    def writer_busy(self) -> bool:
+        """Whether some writer holds the writer lock right now."""
+        return held(self.lock_path)
 
     def _locked(self, fn: Callable[[], T]) -> T:
         lock = self._writer_lock()
@@ -509,46 +519,51 @@ class Storage:
         to every process, which rings the consumers.
         """
         horizon = self._horizon
-        with self._mutex:
-            conn = self._open_conn()
-            cursor = self._cursor
-            lock = self._lock or self._writer_lock()
+        with self._lock_guard:
+            with self._mutex:
+                conn = self._open_conn()
+                cursor = self._cursor
+                lock = self._lock or self._writer_lock()
             timeout = self.timeout
             remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            # Not under the mutex: the threads of this process that read go
+            # on while we wait for another process's write. The connection
+            # and the lock stay open meanwhile: close and fork take the guard.
             waited = lock.acquire(remaining)
-            # SQLite's own wait (for programs that bypass our lock) gets what
-            # is left of the timeout, no more.
-            bound = remaining is not None and (waited or remaining < timeout - 0.01)  # type: ignore[operator]
-            news = False
-            try:
-                if bound:
-                    conn.set_busy_timeout(self._busy_ms(timeout - (time.monotonic() - started)))  # type: ignore[operator]
-                cursor.execute("BEGIN IMMEDIATE")
-                if horizon is not None and not self._wal_sized:
-                    self._wal_sized = True
-                    horizon.preallocate(schema.JOURNAL_SIZE_LIMIT)
+            with self._mutex:
+                # SQLite's own wait (for programs that bypass our lock) gets what
+                # is left of the timeout, no more.
+                bound = remaining is not None and (waited or remaining < timeout - 0.01)  # type: ignore[operator]
+                news = False
                 try:
-                    result = fn(conn)
-                    cursor.execute("COMMIT")
-                    if horizon is not None:
-                        if seq_of is not None:
-                            seq = seq_of(result)
-                            if seq > horizon.committed_seq:
-                                horizon.committed_seq = seq
-                        sync_number = horizon.next_sync()
-                except BaseException:
-                    if conn.in_transaction:
-                        with contextlib.suppress(apsw.Error):
-                            conn.execute("ROLLBACK")
-                    raise
-                # In full mode the news rings once it is durable (below).
-                news = notify and horizon is None
-            except apsw.Error as e:
-                raise storage_error(self.path, e) from None
-            finally:
-                lock.release(news=news)
-                if bound:  # reads get the whole timeout again
-                    conn.set_busy_timeout(self._busy_ms(timeout))
+                    if bound:
+                        conn.set_busy_timeout(self._busy_ms(timeout - (time.monotonic() - started)))  # type: ignore[operator]
+                    cursor.execute("BEGIN IMMEDIATE")
+                    if horizon is not None and not self._wal_sized:
+                        self._wal_sized = True
+                        horizon.preallocate(schema.JOURNAL_SIZE_LIMIT)
+                    try:
+                        result = fn(conn)
+                        cursor.execute("COMMIT")
+                        if horizon is not None:
+                            if seq_of is not None:
+                                seq = seq_of(result)
+                                if seq > horizon.committed_seq:
+                                    horizon.committed_seq = seq
+                            sync_number = horizon.next_sync()
+                    except BaseException:
+                        if conn.in_transaction:
+                            with contextlib.suppress(apsw.Error):
+                                conn.execute("ROLLBACK")
+                        raise
+                    # In full mode the news rings once it is durable (below).
+                    news = notify and horizon is None
+                except apsw.Error as e:
+                    raise storage_error(self.path, e) from None
+                finally:
+                    lock.release(news=news)
+                    if bound:  # reads get the whole timeout again
+                        conn.set_busy_timeout(self._busy_ms(timeout))
         if horizon is None:
             return result
         durable = horizon.sync(sync_number)
@@ -630,7 +645,7 @@ class Storage:
             return
         self._closed = True
         self.closed_event.set()
-        with self._mutex:
+        with self._lock_guard, self._mutex:
             self._drop_handles()
         if self._horizon is not None:
             self._horizon.close()

@@ -172,6 +172,37 @@ def test_our_writers_block_a_filelock_user(qpath):
         assert list(q.consume(wait=False)) == [(1, None)]
 
 
+def test_a_write_waiting_for_the_writer_lock_does_not_stop_reads_in_other_threads(qpath):
+    """While one thread's write waits for another process's writer (here a
+    tool holding the lock file), the other threads of the process read and
+    consume as usual; the write completes once the lock is free."""
+    import filelock
+
+    from .helpers import wait_for
+
+    q = StaggerQueue(qpath, timeout=60)
+    q.write("before")
+    holder = filelock.FileLock(qpath + ".lock")
+    holder.acquire()
+    done = []
+    writer = threading.Thread(target=lambda: done.append(q.write("after")), daemon=True)
+    try:
+        writer.start()
+        wait_for(lambda: q._storage._leading, 30, message="the write to start")
+        time.sleep(0.05)  # and to reach its wait (the test holds either way: the lock stays taken)
+        # Each of these returns while the write still waits (the holder is
+        # released only after them): before, they waited for the write.
+        assert (len(q), q.last_seq) == (1, 1)
+        assert [m for _, m in q.consume(wait=False)] == ["before"]
+        assert q.stats()["stored"] == 1
+        assert writer.is_alive() and not done
+    finally:
+        holder.release()
+    writer.join(60)
+    assert done == [2]
+    q.close()
+
+
 def test_timeout_none_waits_for_the_lock(qpath):
     with StaggerQueue(qpath, timeout=None) as q:
         holder = subprocess.Popen(

@@ -138,3 +138,23 @@ def test_many_waiting_consumers_promote_each_due_message_once(qpath):
         assert r == [(i + 1, i) for i in range(5)]
     assert q.last_seq == 5 and q.stats()["scheduled"] == 0
     q.close()
+
+
+def test_figures_do_not_wait_for_a_writer_to_promote_a_due_message(qpath):
+    """len/last_seq/stats promote due entries first, but never queue for the
+    writer lock to do it: while someone writes they show what is stored."""
+    import filelock
+
+    from .helpers import wait_for
+
+    with StaggerQueue(qpath, timeout=120) as q:
+        q.write("now")
+        q.schedule("due", delay=0.05)
+        time.sleep(0.1)  # due, and no write since: not promoted yet
+        figures = []
+        with filelock.FileLock(qpath + ".lock"):  # another writer, holding on
+            t = threading.Thread(target=lambda: figures.append((len(q), q.last_seq, q.stats()["stored"])), daemon=True)
+            t.start()
+            wait_for(lambda: not t.is_alive(), 60, message="the figures, while the lock is held")
+        assert figures == [(1, 1, 1)]
+        assert (len(q), q.last_seq) == (2, 2)  # the lock free: promoted, counted
