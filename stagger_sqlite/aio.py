@@ -14,18 +14,22 @@ consumer is exactly as it was before the wait.
 
 What does run in the loop's thread: each step of the consumer between waits
 (a page read of ``batch`` rows, or for a group the claim/ack transaction),
-which is short but is disk I/O. Steps are not moved to a thread on purpose: a
-step cancelled while running in a thread would hand out a message that no one
-receives.
+which is short but is disk I/O. One exception: a group member's claim (a
+write) while some writer holds the writer lock (another process's long
+``write_many``, a tool holding the lock file) would block the loop as long,
+so that step runs in the loop's default executor. A task cancelled meanwhile
+leaves the step's outcome to the next ``__anext__``, so nothing is handed out
+that no one receives; ``close()`` then releases it unstarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any, Callable, Iterator, Tuple, TypeVar
+from typing import Any, Callable, Iterator, Optional, Tuple, TypeVar
 
 from . import wakeup
+from .groups import GroupConsumer
 
 T = TypeVar("T")
 
@@ -34,6 +38,9 @@ async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
     """Run a short blocking call in the running loop's default executor."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, functools.partial(fn, *args))
+
+
+_STOP = object()  # a step's outcome: the consumer stopped
 
 
 class AsyncConsumer:
@@ -45,6 +52,9 @@ class AsyncConsumer:
 
     def __init__(self, consumer: Iterator[Tuple[int, Any]]) -> None:
         self._consumer = consumer
+        #: A step run in the executor whose task was cancelled before it
+        #: ended: its outcome is the next __anext__'s.
+        self._pending: Optional["asyncio.Future[Any]"] = None
 
     def __aiter__(self) -> "AsyncConsumer":
         return self
@@ -52,17 +62,73 @@ class AsyncConsumer:
     async def __anext__(self) -> Tuple[int, Any]:
         while True:
             try:
-                with wakeup.nonblocking():
-                    return next(self._consumer)
-            except StopIteration:
-                raise StopAsyncIteration from None
+                if self._pending is not None or self._would_wait_for_writer():
+                    item = await self._step_in_thread()
+                else:
+                    item = self._step()
             except wakeup.WouldWait as w:
                 if not await w.waiter.wait_async(w.timeout):
                     raise StopAsyncIteration from None  # the queue was closed
+                continue
+            if item is _STOP:
+                raise StopAsyncIteration
+            return item  # type: ignore[no-any-return]
+
+    def _step(self) -> Any:
+        """One step of the consumer (in whatever thread runs it): an item,
+        or _STOP (a StopIteration cannot cross a Future)."""
+        try:
+            with wakeup.nonblocking():
+                return next(self._consumer)
+        except StopIteration:
+            return _STOP
+
+    def _would_wait_for_writer(self) -> bool:
+        """A group member about to claim (nothing claimed in memory) while
+        some writer holds the lock: the claim would block the loop."""
+        c = self._consumer
+        return isinstance(c, GroupConsumer) and not c._rows and c._storage.writer_busy()
+
+    async def _step_in_thread(self) -> Any:
+        fut = self._pending
+        if fut is None:
+            fut = asyncio.get_running_loop().run_in_executor(None, self._step)
+            self._pending = fut
+        # Shielded: a cancel of this task must not lose what the step hands
+        # out (the step stays pending for the next call, or for close()).
+        try:
+            item = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._pending = None
+            raise
+        self._pending = None
+        return item
 
     def close(self) -> None:
         """Close the wrapped consumer (as its ``close``). Idempotent."""
-        self._consumer.close()  # type: ignore[attr-defined]
+        if not self._close_after_pending(None):
+            self._consumer.close()  # type: ignore[attr-defined]
+
+    def _close_after_pending(self, exc: Any) -> bool:
+        """With a step still pending (its task cancelled): close once it
+        ends, releasing what it handed out unstarted. True if so."""
+        fut, self._pending = self._pending, None
+        if fut is None:
+            return False
+
+        def end(f: "asyncio.Future[Any]") -> None:
+            exit_ = getattr(self._consumer, "__exit__", None)
+            if exit_ is None:
+                self._consumer.close()  # type: ignore[attr-defined]
+            elif not f.cancelled() and f.exception() is None and f.result() is not _STOP:
+                exit_(KeyboardInterrupt, KeyboardInterrupt(), None)  # no one got it: release it
+            else:
+                exit_(*(exc or (None, None, None)))
+
+        fut.add_done_callback(end)
+        return True
 
     async def aclose(self) -> None:
         self.close()
@@ -71,6 +137,8 @@ class AsyncConsumer:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        if self._close_after_pending(exc):
+            return
         # The consumer's own __exit__ when it has one (a group consumer
         # treats an exception leaving the block differently from a clean end).
         exit_ = getattr(self._consumer, "__exit__", None)

@@ -155,6 +155,71 @@ def test_closing_a_waiting_aconsume_ends_its_loop(qpath, monkeypatch, group):
     assert acked == (1 if group else None)
 
 
+def test_a_group_claim_waiting_for_the_writer_lock_does_not_block_the_loop(qpath):
+    """While another writer holds the lock, an async member's claim (a
+    write) waits in a thread: the loop's other tasks run on; a task cancelled
+    meanwhile loses nothing (the claim's message goes to the next call)."""
+    import filelock
+
+    async def main():
+        with StaggerQueue(qpath, timeout=DEADLINE) as q:
+            q.write_many(["a", "b"])
+            c = q.aconsume(group="g", batch=1, wait=True)
+            holder = filelock.FileLock(qpath + ".lock")
+            holder.acquire()
+            ticks = 0
+
+            async def tick():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.001)
+
+            ticker = asyncio.create_task(tick())
+            first = asyncio.create_task(c.__anext__())
+            while ticks < 20:  # the loop runs while the claim waits for the lock
+                await asyncio.sleep(0.001)
+            assert not first.done()
+            first.cancel()  # the claim's thread goes on: its outcome is kept
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            holder.release()
+            got = [await asyncio.wait_for(c.__anext__(), DEADLINE), await asyncio.wait_for(c.__anext__(), DEADLINE)]
+            ticker.cancel()
+            await c.aclose()
+            return got, q.groups()["g"]
+
+    got, info = asyncio.run(main())
+    assert got == [(1, "a"), (2, "b")]  # nothing lost to the cancel, nothing twice
+    assert (info.acked, info.in_flight) == (2, 0)
+
+
+def test_closing_after_a_cancelled_claim_releases_what_it_claimed(qpath):
+    import filelock
+
+    async def main():
+        with StaggerQueue(qpath, timeout=DEADLINE) as q:
+            q.write_many(["a", "b"])
+            c = q.aconsume(group="g", batch=2, wait=True)
+            holder = filelock.FileLock(qpath + ".lock")
+            holder.acquire()
+            first = asyncio.create_task(c.__anext__())
+            while c._pending is None:  # the claim waits for the lock, in a thread
+                await asyncio.sleep(0.001)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            c.close()  # the claim still waits: released once it ends
+            holder.release()
+            while not c._consumer._closed:  # the claim ended, then the close
+                await asyncio.sleep(0.01)
+            return [m for _, m in q.consume(group="g", wait=False)], q.groups()["g"]
+
+    got, info = asyncio.run(main())
+    assert got == ["a", "b"]  # released unstarted, at once (no lease wait)
+    assert (info.acked, info.dead) == (2, 0)
+
+
 def test_scheduled_message_reaches_aconsume(qpath):
     async def main():
         with StaggerQueue(qpath) as q:
