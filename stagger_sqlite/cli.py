@@ -184,8 +184,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_group(q: Any, path: str, group: str) -> None:
+    if group not in q.groups():
+        raise UserError(f"{path}: no group {group!r}")
+
+
 def cmd_dead(args: argparse.Namespace) -> int:
     with open_queue(args.path, args.codec) as q:
+        _existing_group(q, args.path, args.group)
         for d in q.dead_letters(args.group):
             emit(dumps({"seq": d.seq, "attempts": d.attempts, "error": d.error, "msg": d.msg}))
     return 0
@@ -193,6 +199,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     with open_queue(args.path) as q:
+        _existing_group(q, args.path, args.group)
         emit(str(q.requeue(args.group, args.seq or None)))
     return 0
 
@@ -321,6 +328,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with usage errors in one line (``--help`` has the rest)."""
 
@@ -402,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", "-n", type=_positive_int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=_positive_int, default=50, help="messages claimed per round trip")
     p.add_argument("--batch-handler", action="store_true", help="call the handler with lists of up to --batch messages")
-    p.add_argument("--lease", type=_seconds, default=30.0, help="seconds before a held message is redelivered")
+    p.add_argument("--lease", type=_positive_seconds, default=30.0, help="seconds before a held message is redelivered")
     p.add_argument("--max-attempts", type=_positive_int, default=5, help="deliveries before dead-lettering")
     p.add_argument("--rate", type=_rate, help="N/s, N/m or N/h for the whole group, across every process and pool")
     p.add_argument("--until-idle", type=_seconds, help="exit once the group was idle this many seconds")
@@ -420,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("forward", cmd_forward, "POST every message to each URL (each URL its own group)",
                 f"{PROG} forward jobs.db --url http://127.0.0.1:9000/hook")
     p.add_argument("--url", action="append", required=True, help="destination (repeatable)")
-    p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request (default 10)")
-    p.add_argument("--lease", type=_seconds, default=60.0, help="seconds before a held message is redelivered")
+    p.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds per request (default 10)")
+    p.add_argument("--lease", type=_positive_seconds, default=60.0, help="seconds before a held message is redelivered")
     codec(p)
     verbose(p)
 
@@ -442,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the command ran (while parsing)
+        return 130
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":

@@ -16,8 +16,9 @@ claim's own write transaction, so it holds across every process.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
@@ -90,7 +91,7 @@ class RateLimiter:
 
     def allow(self, conn, now: float, want: int) -> Tuple[int, float]:
         """``(n, due)``: claim at most ``n`` messages now (0: none before ``due``)."""
-        due = self.next_due(conn)
+        due = self.next_due(conn, now)
         if now < due:
             return 0, due
         n = 1 + int((now - due) / self.rate.interval)
@@ -100,7 +101,16 @@ class RateLimiter:
         """Record ``n`` hand-outs made at ``now``."""
         put(conn, self.key, now + n * self.rate.interval)
 
-    def next_due(self, conn) -> float:
-        """Epoch seconds of the group's next allowed hand-out (a read)."""
+    def next_due(self, conn, now: Optional[float] = None) -> float:
+        """Epoch seconds of the group's next allowed hand-out (a read).
+
+        At this rate no claim sets it more than one window ahead (``k <= N``
+        hand-outs at ``t <= now`` set ``t + k * interval``), so a due time
+        beyond that was set by a pool with a slower rate (or before the clock
+        was set back): it is ignored, and must not stall this pool.
+        """
         due = get(conn, self.key)
-        return 0.0 if due is None else float(due)
+        if due is None:
+            return 0.0
+        now = time.time() if now is None else now
+        return 0.0 if float(due) > now + self.rate.window else float(due)

@@ -8,9 +8,11 @@ forward (connection reuse and timeouts without a new dependency).
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -22,7 +24,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import cbor2
 
-from .errors import EncodeError, LockTimeoutError, QueueClosedError, StorageFullError
+from .errors import EncodeError, LockTimeoutError, QueueClosedError, StaggerError, StorageFullError
 
 log = logging.getLogger("stagger_sqlite.http")
 
@@ -96,6 +98,9 @@ def make_handler(q: Any, max_body: int, inflight: "Inflight") -> type:
                     return self.reply(507, {"error": str(e)})
                 except QueueClosedError:
                     return self.reply(503, {"error": "shutting down"}, {"Retry-After": 1})
+                except (StaggerError, OSError) as e:  # e.g. a file this process may only read
+                    log.error("POST %s: the write failed: %s", self.path, e)
+                    return self.reply(500, {"error": f"the write failed: {e}"})
             log.debug("POST %s: %d bytes -> seq=%d", self.path, len(body), seq)
             self.reply(200, {"seq": seq}, {SEQ_HEADER: seq})
 
@@ -224,8 +229,14 @@ class Destination:
 
     def __init__(self, url: str, timeout: float) -> None:
         parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is no number
+        except ValueError:
+            raise ValueError(f"bad URL {url!r}: the port must be a number from 0 to 65535") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"bad URL {url!r}: use http://host[:port]/path or https://...")
+        if not timeout > 0:
+            raise ValueError(f"the request timeout must be a positive number of seconds, not {timeout!r}")
         self.url = url
         self._scheme, self._netloc = parts.scheme, parts.netloc
         self._target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
@@ -272,15 +283,36 @@ class Forwarder:
         self.lease = lease
         self.stop = stop
         self.backoff = BACKOFF_MIN
+        #: Why this destination cannot be served at all (the queue cannot be
+        #: written here): ``forward`` stops and raises it.
+        self.error: Optional[BaseException] = None
+
+    def _member(self) -> Any:
+        """The group member, made once; a lock timeout or a full disk is
+        waited out (with backoff), anything else stops the whole command."""
+        while not self.stop.is_set():
+            try:
+                return self.q.consume(group=self.group, batch=10, lease=self.lease, max_attempts=FOREVER, wait=POLL)
+            except QueueClosedError:
+                return None
+            except (LockTimeoutError, StorageFullError) as e:
+                log.warning("%s: cannot start (%s); retrying in %.1f s", self.dest.url, e, self.backoff)
+                self.stop.wait(self.backoff)
+                self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+            except Exception as e:  # read-only file, ...: no retry mends it
+                self.error = e
+                self.stop.set()
+                return None
+        return None
 
     def run(self) -> None:
         # One member for the thread's life: a new one per round would create
         # the group again if it was dropped (``drop-group``) in between.
-        try:
-            c = self.q.consume(group=self.group, batch=10, lease=self.lease, max_attempts=FOREVER, wait=POLL)
-        except QueueClosedError:
+        c = self._member()
+        if c is None:
             self.dest.close()
             return
+        self.backoff = BACKOFF_MIN
         try:
             with c:
                 while not self.stop.is_set() and not c.dropped:
@@ -345,7 +377,10 @@ def forward(
     SIGTERM/SIGINT (or ``stop``), one thread and one group per URL.
 
     Raises:
-        ValueError: a malformed URL.
+        ValueError: a malformed URL, a timeout or lease that is not positive.
+        FileNotFoundError: there is no queue at ``path`` (forwarding creates none).
+        PermissionError, StaggerError: a destination could not start (e.g.
+            the queue file is read-only here); every destination stops.
     """
     from .queue import StaggerQueue
 
@@ -353,6 +388,10 @@ def forward(
         raise ValueError("the same --url is given twice")
     for url in urls:
         Destination(url, timeout)  # validate all before starting any
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+        raise ValueError(f"the lease must be a positive number of seconds, not {lease!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no queue to forward from", path)
     stop = stop or threading.Event()
     with StaggerQueue(path, codec=codec) as q:
         forwarders = [Forwarder(q, url, timeout=timeout, lease=lease, stop=stop) for url in urls]
@@ -368,4 +407,7 @@ def forward(
                 t.join(timeout + 5)
         finally:
             restore()
+    for f in forwarders:
+        if f.error is not None:
+            raise f.error
     return 0

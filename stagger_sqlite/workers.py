@@ -179,7 +179,22 @@ def _child_main(opts: WorkerOptions, handler: Handler) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=_stop_when_orphaned, args=(worker, os.getppid()), daemon=True).start()
     worker.run()
+
+
+#: Seconds between a worker's looks at whether its pool still runs.
+ORPHAN_CHECK = 0.5
+
+
+def _stop_when_orphaned(worker: "Worker", parent: int) -> None:
+    """A pool killed with SIGKILL cannot stop its workers: each stops itself
+    (finishing what it holds, as on SIGTERM) once its parent is gone."""
+    while not worker.stopping:
+        time.sleep(ORPHAN_CHECK)
+        if os.getppid() != parent:
+            log.warning("%s: the pool (pid %d) is gone; this worker stops", worker.opts.group, parent)
+            worker.stop()
 
 
 def group_idle(q: Any, group: str) -> bool:
@@ -238,13 +253,16 @@ class WorkerPool:
         check_int("processes", processes, 1)
         check_int("batch", batch, 1)
         check_int("max_attempts", max_attempts, 1)
-        check_seconds("lease", lease, allow_none=False)
+        if not check_seconds("lease", lease, allow_none=False):
+            raise ValueError("`lease` must be a positive number of seconds, not 0")
         self.until_idle = check_seconds("until_idle", until_idle)
         self.stop_timeout = check_seconds("stop_timeout", stop_timeout, allow_none=False)
         if not isinstance(group, str) or not group:
             raise ValueError(f"`group` must be a non-empty string, not {group!r}")
         if isinstance(rate, str):
             rate = control.parse_rate(rate)
+        elif rate is not None and not isinstance(rate, control.Rate):
+            raise ValueError(f"`rate` must be like '100/s', '5/m', '1000/h' (or None), not {rate!r}")
         resolve_handler(handler)  # fail here, in the caller's process, not in every child
         self.handler = handler
         self.processes = processes

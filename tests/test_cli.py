@@ -106,6 +106,22 @@ def test_purge_dead_requeue(qpath):
         assert [s for s, _ in q.consume(wait=False)] == [2, 3]
 
 
+def test_mistakes_of_dead_requeue_work_and_forward_are_one_line_errors(qpath, tmp_path):
+    run("write", qpath, "1")
+    for args in (
+        ["dead", qpath, "--group", "typo"],  # an unknown group, as drop-group says
+        ["requeue", qpath, "--group", "typo"],
+        ["work", qpath, "--group", "g", "--handler", "json:dumps", "--lease", "0"],
+        ["forward", qpath, "--url", "http://127.0.0.1:9/", "--lease", "0"],
+        ["forward", qpath, "--url", "http://127.0.0.1:9/", "--timeout", "0"],
+        ["forward", qpath, "--url", "http://127.0.0.1:abc/"],  # a port that is no number
+        ["forward", str(tmp_path / "missing.db"), "--url", "http://127.0.0.1:9/"],  # forwards from nothing
+    ):
+        r = run(*args, timeout=60)
+        assert_one_line_error(r)
+    assert not os.path.exists(tmp_path / "missing.db")
+
+
 def test_pause_and_resume_set_the_shared_flag(qpath):
     run("write", qpath, "1")
     with StaggerQueue(qpath) as q:

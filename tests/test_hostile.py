@@ -63,6 +63,35 @@ def test_read_only_mount_reads_work_writes_refused(ro_view):
     assert not os.path.exists(ro / "new.db")
 
 
+def test_serve_and_forward_on_a_read_only_queue_fail_cleanly(ro_view):
+    """serve answers a write it cannot make with a 500 (not a dropped
+    connection); forward, which must write its group's claims, exits 1 with
+    one line (not a dead thread and a process forwarding nothing forever)."""
+    import http.client
+    import re
+    import signal
+    import sys
+
+    src, ro = ro_view
+    make_queue(str(src / "q.db"))
+    path = str(ro / "q.db")
+    cli = [sys.executable, "-m", "stagger_sqlite"]
+    r = subprocess.run(cli + ["forward", path, "--url", "http://127.0.0.1:9/"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("stagger-sqlite: error:") and path in r.stderr
+    p = subprocess.Popen(cli + ["serve", path, "--bind", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+    try:
+        m = re.search(r"http://([\d.]+):(\d+)/", p.stderr.readline())
+        c = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=30)
+        c.request("POST", "/", body=b"x")
+        reply = c.getresponse()
+        assert reply.status == 500 and b"writes are refused" in reply.read()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    assert "Traceback" not in p.stderr.read()
+
+
 def as_nobody(code):
     """Run ``code`` in a child that drops to the ``nobody`` user where
     ``DROP`` stands (after its imports: the interpreter itself lives in

@@ -282,6 +282,58 @@ def test_worker_pool_validates_its_arguments(qpath):
         WorkerPool(qpath, "g", record, rate="5/fortnight")
     with pytest.raises(ValueError, match="processes"):
         WorkerPool(qpath, "g", record, processes=0)
+    with pytest.raises(ValueError, match="lease"):
+        WorkerPool(qpath, "g", record, lease=0)  # every worker would die at start, forever
+    with pytest.raises(ValueError, match="rate"):
+        WorkerPool(qpath, "g", record, rate=5)
+
+
+def test_a_slower_rate_left_in_the_file_does_not_stall_a_faster_pool(qpath):
+    """The limiter's due time is shared through the file; one set by a pool
+    at 2/h holds a later pool at 100/s back no longer than 100/s allows."""
+    slow = control.RateLimiter("g", control.parse_rate("2/h"))
+    fast = control.RateLimiter("g", control.parse_rate("100/s"))
+    with StaggerQueue(qpath) as q:
+        now = time.time()
+        q._storage.write(lambda conn: slow.spend(conn, now, 1))  # next hand-out due in 30 min
+        n, due = q._storage.write(lambda conn: fast.allow(conn, now + 1.0, 10))
+        assert n == 10 and due <= now + 1.0
+        assert q._storage.read(lambda conn: slow.allow(conn, now + 1.0, 1))[0] == 0  # the slow pool still waits
+
+
+def _pids_of_children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_of_a_pool_killed_with_sigkill_stop_by_themselves(qpath, out):
+    fill(qpath, 100_000)
+    p = start_work(qpath, "--group", "g", "--handler", "tests.test_workers:record_slowly", "--processes", "2")
+    wait_for(lambda: len({pid for _, pid, _ in records(out)}) == 2, 60, message="both workers busy")
+    workers = {pid for _, pid, _ in records(out)}
+    assert workers <= set(_pids_of_children(p.pid))
+    p.kill()  # SIGKILL: the pool cannot tell its workers anything
+    p.wait(60)
+    wait_for(lambda: not any(_alive(w) for w in workers), 60, message="the orphaned workers to exit")
+    info = group_info(qpath, "g")
+    assert info.in_flight == 0  # each finished what it held and released the rest
 
 
 
