@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 from . import control
+from .errors import LockTimeoutError, StorageFullError
 from .groups import create_group
 from .queue import StaggerQueue
 from .validate import check_int, check_seconds
@@ -120,7 +121,11 @@ class Worker:
     def run(self) -> None:
         o = self.opts
         try:
-            with self.q.consume(group=o.group, batch=o.batch, lease=o.lease, max_attempts=o.max_attempts, wait=POLL) as c:
+            c = self._passing(lambda: self.q.consume(
+                group=o.group, batch=o.batch, lease=o.lease, max_attempts=o.max_attempts, wait=POLL))
+            if c is None:
+                return
+            with c:
                 c.claim_limit = control.RateLimiter(o.group, o.rate) if o.rate else None
                 step = self._batch if o.batch_handler else self._one
                 while not self.stopping and not c.dropped:
@@ -130,18 +135,37 @@ class Worker:
         finally:
             self.q.close()  # closing the consumer (end of `with`) finished what it held
 
+    def _passing(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, a write (making the member, a claim), retried with
+        backoff while it fails for a passing reason (a full disk, the lock
+        held past the timeout) instead of the process dying on it; None if
+        the worker was stopped meanwhile. Only for writes whose failure
+        leaves the member as it was (a claim keeps what it was to finish)."""
+        delay = RETRY_MIN
+        while not self.stopping:
+            try:
+                return fn()
+            except (StorageFullError, LockTimeoutError) as e:
+                log.warning("%s: %s; retrying in %.1f s", self.opts.group, e, delay)
+                until = time.monotonic() + delay
+                while not self.stopping and time.monotonic() < until:
+                    time.sleep(min(POLL, max(0.0, until - time.monotonic())))
+                delay = min(delay * 2, RETRY_MAX)
+        return None
+
     def _one(self, c: Any) -> None:
         """Handle one message (claims of up to ``batch`` behind the scenes)."""
-        try:
-            seq, msg = next(c)  # not iter(c): a dropped generator would release
-        except StopIteration:
-            return  # idle for POLL seconds: look at the flags
+        # not iter(c): a dropped generator would release
+        item = self._passing(lambda: next(c, None))
+        if item is None:
+            return  # idle for POLL seconds, or stopping: look at the flags
+        seq, msg = item
         self._call(c, [seq], msg)
 
     def _batch(self, c: Any) -> None:
         """Handle one list of up to ``batch`` messages, claimed (and, at the
         next call, finished) in one write transaction."""
-        items = c.next_batch()
+        items = self._passing(c.next_batch)
         if items:
             self._call(c, [seq for seq, _ in items], [msg for _, msg in items])
 
@@ -159,6 +183,11 @@ class Worker:
             return
         self.done += len(seqs)
         log.debug("%s: seq=%s ok in %.1f ms", self.opts.group, _seqs(seqs), (time.monotonic() - started) * 1000)
+
+
+#: A worker whose claim fails for a passing reason (a full disk, a lock
+#: timeout) retries after RETRY_MIN seconds, doubling up to RETRY_MAX.
+RETRY_MIN, RETRY_MAX = 0.1, 10.0
 
 
 def _seqs(seqs: List[int]) -> str:

@@ -183,3 +183,47 @@ def test_a_wal_fill_that_hits_a_full_disk_is_undone(small_fs, monkeypatch):
         assert [m for _, m in q.consume(0, wait=False)] == [{"first": 1}, {"second": 2}]
     assert before <= os.path.getsize(path + "-wal")
     assert integrity(path) == [("ok",)]
+
+
+def test_a_worker_pool_waits_out_a_full_disk_and_goes_on(small_fs, tmp_path, monkeypatch):
+    """Workers need to write (claims, acks). On a full disk a worker logs
+    and retries its claim with backoff, rather than dying and being
+    restarted (which reran finished messages); once space is freed the
+    pool finishes everything, each message once, in the same process."""
+    from tests.helpers import wait_for
+    from tests.test_workers import records
+
+    out = str(tmp_path / "handled.txt")
+    monkeypatch.setenv("STAGGER_TEST_OUT", out)
+    path = str(small_fs / "q.db")
+    with StaggerQueue(path, durability="normal") as q:
+        q.write_many(range(1, 61))
+        q.consume(group="g").close()
+    filler = small_fs / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "stagger_sqlite", "work", path, "--group", "g",
+                              "--handler", "tests.test_workers:record", "--processes", "1", "--until-idle", "1"],
+                             cwd=ROOT, stderr=err, text=True)
+        try:
+            wait_for(lambda: "retrying in" in err_path.read_text(), 60, message="a claim refused by the full disk")
+            filler.unlink()
+            assert p.wait(120) == 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+    stderr = err_path.read_text()
+    assert "Traceback" not in stderr and "restart" not in stderr.lower(), stderr
+    handled = records(out)
+    assert sorted(int(m) for m, _, _ in handled) == list(range(1, 61))  # each once
+    assert len({pid for _, pid, _ in handled}) == 1  # no worker died on it
+    with StaggerQueue(path) as q:
+        info = q.groups()["g"]
+    assert (info.acked, info.in_flight) == (60, 0)
