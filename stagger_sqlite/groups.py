@@ -64,10 +64,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import random
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import weakref
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import apsw
 
@@ -206,8 +208,43 @@ def finished_floor(conn: apsw.Connection) -> Optional[int]:
     return floor
 
 
-def group_figures(conn: apsw.Connection) -> Dict[str, GroupInfo]:
-    """Every group's figures; run it inside one read transaction."""
+#: Every live member of this process: ``local_finishes`` reads what they
+#: finished and have not written yet.
+_MEMBERS: "weakref.WeakSet[GroupConsumer]" = weakref.WeakSet()
+
+
+def local_finishes(path: str) -> Dict[str, Set[Tuple[int, int]]]:
+    """What the members of this process on the queue file ``path`` have
+    finished (the next message was asked for) but not written yet (their
+    next write deletes them): group -> {(seq, claim token)}."""
+    real = os.path.realpath(path)
+    out: Dict[str, Set[Tuple[int, int]]] = {}
+    for m in list(_MEMBERS):
+        if m._real_path == real:
+            for group, seq, token in list(m._done):  # a copy: the member's thread may append
+                out.setdefault(group, set()).add((seq, token))
+    return out
+
+
+def _unfinished(conn: apsw.Connection, name: str, cursor: int, done: Set[Tuple[int, int]]) -> Tuple[int, int]:
+    """(acked, rows held by a member) of group ``name``, counting the
+    member-held rows in ``done`` (finished in this process) as finished."""
+    acked, held_done, lowest_found = cursor, 0, False
+    for seq, token, state in conn.execute("SELECT seq, token, state FROM deliveries WHERE grp = ? ORDER BY seq", (name,)):
+        if state < WAITING and (seq, token) in done:
+            held_done += 1
+            continue
+        if not lowest_found:
+            acked, lowest_found = min(cursor, seq - 1), True
+        if held_done == len(done):
+            break
+    return acked, held_done
+
+
+def group_figures(conn: apsw.Connection, local: Optional[Dict[str, Set[Tuple[int, int]]]] = None) -> Dict[str, GroupInfo]:
+    """Every group's figures; run it inside one read transaction. ``local``:
+    what members of this process finished and have not written yet
+    (``local_finishes``), counted as finished, as it is."""
     last = schema.last_seq(conn)
     result = {}
     for name, cursor in conn.execute("SELECT name, cursor FROM groups ORDER BY name").fetchall():
@@ -219,10 +256,14 @@ def group_figures(conn: apsw.Connection) -> Dict[str, GroupInfo]:
             ).fetchall()
         )
         dead = conn.execute("SELECT count(*) FROM dead_letters WHERE grp = ?", (name,)).fetchall()[0][0]
-        acked = acked_of(conn, name, cursor)
+        done = local.get(name) if local else None
+        if done:
+            acked, held_done = _unfinished(conn, name, cursor, done)
+        else:
+            acked, held_done = acked_of(conn, name, cursor), 0
         result[name] = GroupInfo(
             acked=acked,
-            in_flight=counts.get(0, 0),
+            in_flight=counts.get(0, 0) - held_done,
             retrying=counts.get(1, 0),
             lag=last - acked,
             dead=dead,
@@ -438,6 +479,8 @@ class GroupConsumer:
         create_group(queue, self.group, ack)
         if purge is not None:
             queue.purge(purge)
+        self._real_path = os.path.realpath(queue.path)
+        _MEMBERS.add(self)
 
     @property
     def dropped(self) -> bool:

@@ -342,6 +342,8 @@ class StaggerQueue:
             QueueClosedError: the queue was closed.
         """
 
+        local = groups_.local_finishes(self.path)
+
         def figures(conn: apsw.Connection) -> Dict[str, Any]:
             return {
                 "path": self.path,
@@ -349,7 +351,7 @@ class StaggerQueue:
                 "stored": conn.execute(SQL_COUNT).fetchall()[0][0],
                 "scheduled": conn.execute("SELECT count(*) FROM scheduled").fetchall()[0][0],
                 "groups": {
-                    name: dataclasses.asdict(info) for name, info in groups_.group_figures(conn).items()
+                    name: dataclasses.asdict(info) for name, info in groups_.group_figures(conn, local).items()
                 },
             }
 
@@ -421,7 +423,8 @@ class StaggerQueue:
         Raises:
             QueueClosedError: the queue was closed.
         """
-        return self._storage.read(groups_.group_figures, snapshot=True)
+        local = groups_.local_finishes(self.path)
+        return self._storage.read(lambda conn: groups_.group_figures(conn, local), snapshot=True)
 
     def dead_letters(self, group: str) -> List["groups_.DeadLetter"]:
         """The dead letters of ``group``, by seq (empty for an unknown group).

@@ -794,3 +794,21 @@ def test_a_member_keeping_up_with_a_stream_claims_no_sooner_than_the_gap(qpath, 
     after_partial = [(b[0] - a[0]) for a, b in zip(claims, claims[1:]) if 0 < a[1] < a[2]]
     assert after_partial, "the member kept up with the writer at least once"
     assert min(after_partial) >= CLAIM_GAP * 0.99
+
+
+def test_figures_count_a_message_finished_when_the_next_was_asked_for(qpath):
+    """A member finishes a message when it asks for the next (written at its
+    next write, with the others it finished): this process's figures, from
+    any handle, count it finished at once."""
+    with StaggerQueue(qpath, durability="normal") as q:
+        q.write_many(range(10))
+        c = q.consume(group="g", batch=10, wait=False)
+        assert next(c)[0] == 1
+        assert next(c)[0] == 2  # 1 finished
+        assert next(c)[0] == 3  # 2 finished
+        with StaggerQueue(qpath) as other:
+            for figures in (q.groups()["g"], other.groups()["g"], GroupInfo(**other.stats()["groups"]["g"])):
+                assert (figures.acked, figures.in_flight, figures.lag) == (2, 8, 8)
+        c.close()  # 3 finished, 4..10 released
+        info = q.groups()["g"]
+        assert (info.acked, info.in_flight) == (3, 0)
