@@ -55,11 +55,14 @@ class AsyncConsumer:
         #: A step run in the executor whose task was cancelled before it
         #: ended: its outcome is the next __anext__'s.
         self._pending: Optional["asyncio.Future[Any]"] = None
+        self._closing = False  # close() left the end to the pending step
 
     def __aiter__(self) -> "AsyncConsumer":
         return self
 
     async def __anext__(self) -> Tuple[int, Any]:
+        if self._closing:
+            raise StopAsyncIteration
         while True:
             try:
                 if self._pending is not None or self._would_wait_for_writer():
@@ -107,37 +110,50 @@ class AsyncConsumer:
         return item
 
     def close(self) -> None:
-        """Close the wrapped consumer (as its ``close``). Idempotent."""
-        if not self._close_after_pending(None):
-            self._consumer.close()  # type: ignore[attr-defined]
+        """Close the wrapped consumer (as its ``close``). Idempotent.
 
-    def _close_after_pending(self, exc: Any) -> bool:
-        """With a step still pending (its task cancelled): close once it
-        ends, releasing what it handed out unstarted. True if so."""
-        fut, self._pending = self._pending, None
+        With a claim still running in the executor (its task was cancelled),
+        the consumer is closed once the claim ends, what it claimed released
+        unstarted; ``aclose`` and ``async with`` wait for that instead."""
+        fut = self._pending
         if fut is None:
-            return False
+            self._consumer.close()  # type: ignore[attr-defined]
+        elif fut.done():
+            self._pending = None
+            self._end(fut, None)
+        elif not self._closing:
+            self._closing = True
+            fut.add_done_callback(lambda f: self._end(f, None))
 
-        def end(f: "asyncio.Future[Any]") -> None:
-            exit_ = getattr(self._consumer, "__exit__", None)
-            if exit_ is None:
-                self._consumer.close()  # type: ignore[attr-defined]
-            elif not f.cancelled() and f.exception() is None and f.result() is not _STOP:
-                exit_(KeyboardInterrupt, KeyboardInterrupt(), None)  # no one got it: release it
-            else:
-                exit_(*(exc or (None, None, None)))
-
-        fut.add_done_callback(end)
-        return True
+    def _end(self, fut: "asyncio.Future[Any]", exc: Any) -> None:
+        """Close the consumer after the pending step ``fut`` ended: what it
+        handed out reached no one, so it is released (as on KeyboardInterrupt:
+        unstarted, no attempt); otherwise as the block's end with ``exc``."""
+        exit_ = getattr(self._consumer, "__exit__", None)
+        handed = not fut.cancelled() and fut.exception() is None and fut.result() is not _STOP
+        if exit_ is None:
+            self._consumer.close()  # type: ignore[attr-defined]
+        elif handed:
+            exit_(KeyboardInterrupt, KeyboardInterrupt(), None)
+        else:
+            exit_(*(exc or (None, None, None)))
 
     async def aclose(self) -> None:
-        self.close()
+        await self.__aexit__(None, None, None)
 
     async def __aenter__(self) -> "AsyncConsumer":
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self._close_after_pending(exc):
+        fut = self._pending
+        if fut is not None:
+            # A claim cancelled mid-way still runs: wait for it (never two
+            # steps of one consumer at once), then release what it took.
+            await asyncio.wait([fut])
+            if self._closing:
+                return  # close() already left the end to the claim's callback
+            self._pending = None
+            self._end(fut, exc)
             return
         # The consumer's own __exit__ when it has one (a group consumer
         # treats an exception leaving the block differently from a clean end).
@@ -145,7 +161,7 @@ class AsyncConsumer:
         if exit_ is not None:
             exit_(*exc)
         else:
-            self.close()
+            self._consumer.close()  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._consumer, name)

@@ -67,6 +67,7 @@ import dataclasses
 import os
 import random
 import sys
+import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -211,6 +212,7 @@ def finished_floor(conn: apsw.Connection) -> Optional[int]:
 #: Every live member of this process: ``local_finishes`` reads what they
 #: finished and have not written yet.
 _MEMBERS: "weakref.WeakSet[GroupConsumer]" = weakref.WeakSet()
+_MEMBERS_LOCK = threading.Lock()  # a WeakSet is not safe to add to while another thread iterates it
 
 
 def local_finishes(path: str) -> Dict[str, Set[Tuple[int, int]]]:
@@ -219,7 +221,9 @@ def local_finishes(path: str) -> Dict[str, Set[Tuple[int, int]]]:
     next write deletes them): group -> {(seq, claim token)}."""
     real = os.path.realpath(path)
     out: Dict[str, Set[Tuple[int, int]]] = {}
-    for m in list(_MEMBERS):
+    with _MEMBERS_LOCK:
+        members = list(_MEMBERS)
+    for m in members:
         if m._real_path == real:
             for group, seq, token in list(m._done):  # a copy: the member's thread may append
                 out.setdefault(group, set()).add((seq, token))
@@ -480,7 +484,8 @@ class GroupConsumer:
         if purge is not None:
             queue.purge(purge)
         self._real_path = os.path.realpath(queue.path)
-        _MEMBERS.add(self)
+        with _MEMBERS_LOCK:
+            _MEMBERS.add(self)
 
     @property
     def dropped(self) -> bool:
@@ -1032,7 +1037,8 @@ class GroupConsumer:
         if self._closed:
             return
         exc = sys.exc_info()[1]
-        if exc is not None and self._hand:
+        # (GeneratorExit: a generator around the loop was closed, the normal end)
+        if exc is not None and self._hand and not isinstance(exc, (GeneratorExit, StopIteration, StopAsyncIteration)):
             self.__exit__(type(exc), exc, exc.__traceback__)
         else:
             self._finish()

@@ -118,7 +118,7 @@ def _after_fork_child() -> None:
     for s in _FORKING:
         # Other threads did not survive the fork; start from fresh locks.
         s._mutex = threading.RLock()
-        s._lock_guard = threading.Lock()
+        s._lock_guard = threading.RLock()
         s._group_lock = threading.Lock()
         s._group = threading.Condition(s._group_lock)
         s._gather = threading.Condition(s._group_lock)
@@ -185,7 +185,7 @@ class Storage:
         self._mutex = threading.RLock()  # the connection
         #: Held by a writer from before it waits for the writer lock until
         #: its commit; close and fork take it first, then the mutex.
-        self._lock_guard = threading.Lock()
+        self._lock_guard = threading.RLock()  # reentrant: a signal handler may close() mid-write
         # Group commit: writers queue in _pending; one leads at a time.
         self._group_lock = threading.Lock()
         self._group = threading.Condition(self._group_lock)
@@ -499,6 +499,26 @@ class Storage:
             if self._waiting:
                 self._group.notify_all()
 
+    def _acquire_both(self, lock: WriterLock, started: float, remaining: Optional[float]) -> bool:
+        """Take the writer lock, then the connection's mutex; returns whether
+        it waited. A local reader may hold the mutex for long (``check``, a
+        big snapshot): rather than sit on the cross-process lock meanwhile,
+        let it go, wait the reader out, and queue for the lock again."""
+        waited = False
+        while True:
+            waited = lock.acquire(remaining) or waited
+            try:
+                if self._mutex.acquire(blocking=False):
+                    return waited
+            except BaseException:  # KeyboardInterrupt: never keep the lock
+                lock.release(news=False)
+                raise
+            lock.release(news=False)
+            with self._mutex:
+                pass
+            if remaining is not None:
+                remaining = max(0.0, self.timeout - (time.monotonic() - started))  # type: ignore[operator]
+
     def _transaction(
         self,
         fn: Callable[[apsw.Connection], T],
@@ -529,13 +549,15 @@ class Storage:
             # Not under the mutex: the threads of this process that read go
             # on while we wait for another process's write. The connection
             # and the lock stay open meanwhile: close and fork take the guard.
-            waited = lock.acquire(remaining)
-            with self._mutex:
+            waited = self._acquire_both(lock, started, remaining)
+            try:
                 # SQLite's own wait (for programs that bypass our lock) gets what
                 # is left of the timeout, no more.
                 bound = remaining is not None and (waited or remaining < timeout - 0.01)  # type: ignore[operator]
                 news = False
                 try:
+                    if self._closed:  # close() came while we waited: it waits for us
+                        raise QueueClosedError(f"queue {self.path} is closed")
                     if bound:
                         conn.set_busy_timeout(self._busy_ms(timeout - (time.monotonic() - started)))  # type: ignore[operator]
                     cursor.execute("BEGIN IMMEDIATE")
@@ -564,6 +586,8 @@ class Storage:
                     lock.release(news=news)
                     if bound:  # reads get the whole timeout again
                         conn.set_busy_timeout(self._busy_ms(timeout))
+            finally:
+                self._mutex.release()
         if horizon is None:
             return result
         durable = horizon.sync(sync_number)

@@ -194,8 +194,9 @@ def _seqs(seqs: List[int]) -> str:
     return str(seqs[0]) if len(seqs) == 1 else f"{seqs[0]}..{seqs[-1]}({len(seqs)})"
 
 
-def _child_main(opts: WorkerOptions, handler: Handler) -> None:
-    """Entry point of a worker process."""
+def _child_main(opts: WorkerOptions, handler: Handler, pool_pid: Optional[int] = None) -> None:
+    """Entry point of a worker process (``pool_pid``: the pool's, given at
+    the spawn, so a pool that died while this one started is seen too)."""
     if opts.log_level is not None:
         level, configured = opts.log_level
         logging.getLogger("stagger_sqlite").setLevel(level)
@@ -208,7 +209,7 @@ def _child_main(opts: WorkerOptions, handler: Handler) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=_stop_when_orphaned, args=(worker, os.getppid()), daemon=True).start()
+    threading.Thread(target=_stop_when_orphaned, args=(worker, pool_pid or os.getppid()), daemon=True).start()
     worker.run()
 
 
@@ -220,10 +221,11 @@ def _stop_when_orphaned(worker: "Worker", parent: int) -> None:
     """A pool killed with SIGKILL cannot stop its workers: each stops itself
     (finishing what it holds, as on SIGTERM) once its parent is gone."""
     while not worker.stopping:
-        time.sleep(ORPHAN_CHECK)
         if os.getppid() != parent:
             log.warning("%s: the pool (pid %d) is gone; this worker stops", worker.opts.group, parent)
             worker.stop()
+            return
+        time.sleep(ORPHAN_CHECK)
 
 
 def group_idle(q: Any, group: str) -> bool:
@@ -318,7 +320,7 @@ class WorkerPool:
         level = (logging.getLogger("stagger_sqlite").getEffectiveLevel(), bool(logging.getLogger().handlers))
         opts = replace(self.opts, log_level=level)
         p = self._ctx.Process(
-            target=_child_main, args=(opts, self.handler), name=f"{self.opts.group}-worker-{index}", daemon=False
+            target=_child_main, args=(opts, self.handler, os.getpid()), name=f"{self.opts.group}-worker-{index}", daemon=False
         )
         p.start()
         return p

@@ -220,6 +220,32 @@ def test_closing_after_a_cancelled_claim_releases_what_it_claimed(qpath):
     assert (info.acked, info.dead) == (2, 0)
 
 
+def test_aclose_inside_async_with_during_a_cancelled_claim_releases_it(qpath):
+    # close is idempotent: aclose() then the block's end, while the claim of a
+    # cancelled task still runs. Both wait for it; what it claimed comes back
+    # at once (unstarted, no attempt), and the queue's close comes after.
+    import filelock
+
+    async def main(q):
+        holder = filelock.FileLock(qpath + ".lock")
+        async with q.aconsume(group="g", batch=3, lease=60) as c:
+            holder.acquire()
+            first = asyncio.create_task(c.__anext__())
+            while c._pending is None:
+                await asyncio.sleep(0.001)
+            first.cancel()
+            asyncio.get_running_loop().call_later(0.2, holder.release)
+            await c.aclose()  # waits for the claim (the lock is freed meanwhile)
+        assert c._consumer._closed
+
+    with StaggerQueue(qpath, timeout=DEADLINE) as q:
+        q.write_many(["a", "b", "c"])
+        asyncio.run(main(q))
+        info = q.groups()["g"]
+        assert (info.in_flight, info.retrying, info.dead) == (0, 0, 0)
+        assert [m for _, m in q.consume(group="g", wait=False)] == ["a", "b", "c"]
+
+
 def test_scheduled_message_reaches_aconsume(qpath):
     async def main():
         with StaggerQueue(qpath) as q:

@@ -203,6 +203,40 @@ def test_a_write_waiting_for_the_writer_lock_does_not_stop_reads_in_other_thread
     q.close()
 
 
+def test_a_long_local_read_does_not_keep_other_processes_from_writing(qpath):
+    """A write of this process that got the writer lock while a long read of
+    this process holds the connection lets the lock go until the read ends,
+    rather than hold up every other process's writers meanwhile."""
+    q = StaggerQueue(qpath, durability="normal", timeout=60)
+    q.write(1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, sys\nwith filelock.FileLock(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    sys.stdin.readline()", qpath + ".lock"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    writer = threading.Thread(target=lambda: q.write(2), daemon=True)
+    writer.start()  # waits for the holder
+    reading, release_reader = threading.Event(), threading.Event()
+
+    def long_read(conn):
+        reading.set()
+        release_reader.wait(60)
+
+    reader = threading.Thread(target=lambda: q._storage.read(long_read), daemon=True)
+    reader.start()
+    assert reading.wait(60)
+    holder.communicate("go\n", timeout=60)  # our writer gets the lock, the mutex is the reader's
+    other = ("import sys\nfrom stagger_sqlite import StaggerQueue\n"
+             "print(StaggerQueue(sys.argv[1], durability='normal', timeout=10).write(3))")
+    r = subprocess.run([sys.executable, "-c", other, qpath], capture_output=True, text=True, timeout=60)
+    release_reader.set()
+    assert r.returncode == 0, r.stderr  # not a LockTimeoutError after 10 s
+    writer.join(60)
+    reader.join(60)
+    assert sorted(m for _, m in q.consume(wait=False)) == [1, 2, 3]
+    q.close()
+
+
 def test_timeout_none_waits_for_the_lock(qpath):
     with StaggerQueue(qpath, timeout=None) as q:
         holder = subprocess.Popen(

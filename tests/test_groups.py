@@ -812,3 +812,25 @@ def test_figures_count_a_message_finished_when_the_next_was_asked_for(qpath):
         c.close()  # 3 finished, 4..10 released
         info = q.groups()["g"]
         assert (info.acked, info.in_flight) == (3, 0)
+
+
+def test_close_in_a_generator_closed_after_a_break_finishes_the_message(q):
+    # A generator wrapping a member closes it in its `finally`; leaving the
+    # generator (break) raises GeneratorExit there: the normal end, not a failure.
+    q.write_many(["a", "b"])
+
+    def messages():
+        c = q.consume(group="g", batch=2, wait=False)
+        try:
+            for seq, msg in c:
+                yield seq, msg
+        finally:
+            c.close()
+
+    gen = messages()
+    for seq, _ in gen:
+        break
+    gen.close()
+    info = q.groups()["g"]
+    assert (seq, info.acked, info.in_flight) == (1, 1, 0)
+    assert drain(q, "g") == [2]

@@ -340,3 +340,35 @@ def test_a_timeout_takes_a_free_lock_even_from_a_writer_in_its_slice(qpath):
             pass
     finally:
         lock.close()
+
+
+def test_held_neither_takes_the_lock_nor_drops_this_process_posix_locks(tmp_path):
+    """lock.held() reads the kernel's table: a writer with timeout 0 never
+    finds the lock taken by it, and this process's byte-range locks on the
+    lock file (waiter announcements) survive it (closing any descriptor of
+    the file would drop them)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from stagger_sqlite.lock import held
+
+    path = str(tmp_path / "q.db.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 100)  # an announcement, byte 100
+        assert held(path) is False
+        holder = subprocess.Popen(  # another process (a FileLock here would close a descriptor too)
+            [sys.executable, "-c", "import filelock, sys\nwith filelock.FileLock(sys.argv[1]):\n"
+             "    print('held', flush=True)\n    sys.stdin.readline()", path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        assert held(path) is True
+        holder.communicate("go\n", timeout=60)
+        assert held(path) is False
+        probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                 "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 100)\nexcept OSError:\n    print('kept')\n")
+        out = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True, timeout=60).stdout
+        assert out.strip() == "kept"
+    finally:
+        os.close(fd)
