@@ -155,18 +155,30 @@ def test_closing_a_waiting_aconsume_ends_its_loop(qpath, monkeypatch, group):
     assert acked == (1 if group else None)
 
 
+async def cancel_a_claim_waiting_for_the_lock(c, qpath):
+    """Hold the writer lock (returns the holder: release it), start c's next
+    claim (it waits for the lock in a thread) and cancel the task awaiting it."""
+    import filelock
+
+    holder = filelock.FileLock(qpath + ".lock")
+    holder.acquire()
+    first = asyncio.create_task(c.__anext__())
+    while c._pending is None:
+        await asyncio.sleep(0.001)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    return holder
+
+
 def test_a_group_claim_waiting_for_the_writer_lock_does_not_block_the_loop(qpath):
     """While another writer holds the lock, an async member's claim (a
     write) waits in a thread: the loop's other tasks run on; a task cancelled
     meanwhile loses nothing (the claim's message goes to the next call)."""
-    import filelock
-
     async def main():
         with StaggerQueue(qpath, timeout=DEADLINE) as q:
             q.write_many(["a", "b"])
             c = q.aconsume(group="g", batch=1, wait=True)
-            holder = filelock.FileLock(qpath + ".lock")
-            holder.acquire()
             ticks = 0
 
             async def tick():
@@ -176,13 +188,11 @@ def test_a_group_claim_waiting_for_the_writer_lock_does_not_block_the_loop(qpath
                     await asyncio.sleep(0.001)
 
             ticker = asyncio.create_task(tick())
-            first = asyncio.create_task(c.__anext__())
+            holder = await cancel_a_claim_waiting_for_the_lock(c, qpath)
+            ticks = 0
             while ticks < 20:  # the loop runs while the claim waits for the lock
                 await asyncio.sleep(0.001)
-            assert not first.done()
-            first.cancel()  # the claim's thread goes on: its outcome is kept
-            with pytest.raises(asyncio.CancelledError):
-                await first
+            assert not c._pending.done()  # the claim's thread goes on: its outcome is kept
             holder.release()
             got = [await asyncio.wait_for(c.__anext__(), DEADLINE), await asyncio.wait_for(c.__anext__(), DEADLINE)]
             ticker.cancel()
@@ -195,20 +205,11 @@ def test_a_group_claim_waiting_for_the_writer_lock_does_not_block_the_loop(qpath
 
 
 def test_closing_after_a_cancelled_claim_releases_what_it_claimed(qpath):
-    import filelock
-
     async def main():
         with StaggerQueue(qpath, timeout=DEADLINE) as q:
             q.write_many(["a", "b"])
             c = q.aconsume(group="g", batch=2, wait=True)
-            holder = filelock.FileLock(qpath + ".lock")
-            holder.acquire()
-            first = asyncio.create_task(c.__anext__())
-            while c._pending is None:  # the claim waits for the lock, in a thread
-                await asyncio.sleep(0.001)
-            first.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await first
+            holder = await cancel_a_claim_waiting_for_the_lock(c, qpath)
             c.close()  # the claim still waits: released once it ends
             holder.release()
             while not c._consumer._closed:  # the claim ended, then the close
@@ -224,16 +225,9 @@ def test_aclose_inside_async_with_during_a_cancelled_claim_releases_it(qpath):
     # close is idempotent: aclose() then the block's end, while the claim of a
     # cancelled task still runs. Both wait for it; what it claimed comes back
     # at once (unstarted, no attempt), and the queue's close comes after.
-    import filelock
-
     async def main(q):
-        holder = filelock.FileLock(qpath + ".lock")
         async with q.aconsume(group="g", batch=3, lease=60) as c:
-            holder.acquire()
-            first = asyncio.create_task(c.__anext__())
-            while c._pending is None:
-                await asyncio.sleep(0.001)
-            first.cancel()
+            holder = await cancel_a_claim_waiting_for_the_lock(c, qpath)
             asyncio.get_running_loop().call_later(0.2, holder.release)
             await c.aclose()  # waits for the claim (the lock is freed meanwhile)
         assert c._consumer._closed
