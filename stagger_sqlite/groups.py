@@ -447,10 +447,7 @@ class GroupConsumer:
         self.group = check_group(group)
         check_int("ack", ack, maximum=None)  # beyond last_seq: AckOutOfRangeError
         self._batch = check_int("batch", batch, 1)
-        lease_s = check_seconds("lease", lease, allow_none=False)
-        if not lease_s:
-            raise ValueError("`lease` must be a positive number of seconds, not 0")
-        self._lease: float = lease_s
+        self._lease: float = check_seconds("lease", lease, allow_none=False, positive=True)  # type: ignore[assignment]
         self._max_attempts = check_int("max_attempts", max_attempts, 1)
         self._wait = check_wait(wait)
         if purge is not None:

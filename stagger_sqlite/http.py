@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import cbor2
 
 from .errors import EncodeError, LockTimeoutError, QueueClosedError, StaggerError, StorageFullError
+from .validate import check_seconds
 
 log = logging.getLogger("stagger_sqlite.http")
 
@@ -235,8 +236,7 @@ class Destination:
             raise ValueError(f"bad URL {url!r}: the port must be a number from 0 to 65535") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"bad URL {url!r}: use http://host[:port]/path or https://...")
-        if not timeout > 0:
-            raise ValueError(f"the request timeout must be a positive number of seconds, not {timeout!r}")
+        check_seconds("timeout", timeout, allow_none=False, positive=True)
         self.url = url
         self._scheme, self._netloc = parts.scheme, parts.netloc
         self._target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
@@ -388,8 +388,7 @@ def forward(
         raise ValueError("the same --url is given twice")
     for url in urls:
         Destination(url, timeout)  # validate all before starting any
-    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
-        raise ValueError(f"the lease must be a positive number of seconds, not {lease!r}")
+    check_seconds("lease", lease, allow_none=False, positive=True)
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "no queue to forward from", path)
     stop = stop or threading.Event()

@@ -184,7 +184,7 @@ class StaggerQueue:
             QueueClosedError: the queue was closed.
         """
         if self._storage._closed:  # before the message's own errors (SPEC §1)
-            self._refuse_closed()
+            raise self._storage.closed_error()
         body = codecs.encode(self._codec, msg)
         # partial, not a lambda: one Python frame less on the hottest path.
         return self._storage.write(functools.partial(self._append_one, body), may_raise=False, appends=True)
@@ -202,10 +202,9 @@ class StaggerQueue:
             LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
         if self._storage._closed:
-            self._refuse_closed()
+            raise self._storage.closed_error()
         bodies = [codecs.encode(self._codec, m) for m in msgs]
         if not bodies:
-            self._storage.read(lambda conn: None)  # still refuse a closed queue
             return []
         return self._storage.write(lambda conn: self._append(conn, bodies), may_raise=False, appends=True)
 
@@ -247,7 +246,7 @@ class StaggerQueue:
             LockTimeoutError, StorageFullError, QueueClosedError: as ``write``.
         """
         if self._storage._closed:
-            self._refuse_closed()
+            raise self._storage.closed_error()
         due = due_time(delay, at)
         body = codecs.encode(self._codec, msg)
 
@@ -400,7 +399,7 @@ class StaggerQueue:
             QueueClosedError: the queue was closed.
         """
         if self._storage._closed:
-            self._refuse_closed()
+            raise self._storage.closed_error()
         if group is not None:
             if isinstance(ack, int) and not isinstance(ack, bool) and ack > 0:
                 # SPEC §3 for every consume: `ack` is ignored for an existing
@@ -561,7 +560,7 @@ class StaggerQueue:
             LockTimeoutError, QueueClosedError: as ``write``.
         """
         if self._storage._closed:
-            self._refuse_closed()
+            raise self._storage.closed_error()
         if upto is not None:
             check_int("upto", upto)
 
@@ -581,9 +580,6 @@ class StaggerQueue:
 
     # -- lifetime --------------------------------------------------------
 
-    def _refuse_closed(self) -> None:
-        raise QueueClosedError(f"queue {self.path} is closed")
-
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called."""
@@ -595,7 +591,7 @@ class StaggerQueue:
 
     def __enter__(self) -> "StaggerQueue":
         if self.closed:
-            raise QueueClosedError(f"queue {self.path} is closed")
+            raise self._storage.closed_error()
         return self
 
     def __exit__(self, *exc: object) -> None:

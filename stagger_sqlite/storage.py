@@ -557,7 +557,7 @@ class Storage:
                 news = False
                 try:
                     if self._closed:  # close() came while we waited: it waits for us
-                        raise QueueClosedError(f"queue {self.path} is closed")
+                        raise self.closed_error()
                     if bound:
                         conn.set_busy_timeout(self._busy_ms(timeout - (time.monotonic() - started)))  # type: ignore[operator]
                     cursor.execute("BEGIN IMMEDIATE")
@@ -654,8 +654,12 @@ class Storage:
 
     def _open_conn(self) -> apsw.Connection:
         if self._closed:
-            raise QueueClosedError(f"queue {self.path} is closed")
+            raise self.closed_error()
         return self._connection()
+
+    def closed_error(self) -> QueueClosedError:
+        """The error of any use after ``close()``."""
+        return QueueClosedError(f"queue {self.path} is closed")
 
     # -- lifetime --------------------------------------------------------
 

@@ -30,13 +30,16 @@ def _seconds(name: str, value: Any) -> float:
         raise ValueError(f"`{name}` is too large a number of seconds ({len(str(value))} digits)") from None
 
 
-def check_seconds(name: str, value: Any, *, allow_none: bool = True) -> Optional[float]:
-    """Raises ValueError unless ``value`` is a non-negative number (or None)."""
+def check_seconds(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> Optional[float]:
+    """Raises ValueError unless ``value`` is a non-negative number (or
+    None), or with ``positive`` a number > 0 (a lease, a request timeout)."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
         extra = " or None" if allow_none else ""
         raise ValueError(f"`{name}` must be a non-negative number of seconds{extra}, not {value!r}")
+    if positive and value == 0:
+        raise ValueError(f"`{name}` must be a positive number of seconds, not 0")
     return _seconds(name, value)
 
 

@@ -284,8 +284,7 @@ class WorkerPool:
         check_int("processes", processes, 1)
         check_int("batch", batch, 1)
         check_int("max_attempts", max_attempts, 1)
-        if not check_seconds("lease", lease, allow_none=False):
-            raise ValueError("`lease` must be a positive number of seconds, not 0")
+        check_seconds("lease", lease, allow_none=False, positive=True)
         self.until_idle = check_seconds("until_idle", until_idle)
         self.stop_timeout = check_seconds("stop_timeout", stop_timeout, allow_none=False)
         if not isinstance(group, str) or not group:
