@@ -11,7 +11,7 @@ message decodes it with its own codec.
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Iterable, List, Protocol, Union, runtime_checkable
 
 import cbor2
 
@@ -100,11 +100,34 @@ def encode(codec: Codec, msg: Any) -> bytes:
         data = codec.dumps(msg)
     except Exception as e:  # any failure of user or library code is an encode failure
         raise EncodeError(f"cannot encode message of type {type(msg).__name__}: {e}") from e
-    if isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise EncodeError(f"codec dumps() returned {type(data).__name__}, not bytes")
-    return data
+    return data if type(data) is bytes else _as_bytes(data)
+
+
+def encode_many(codec: Codec, msgs: Iterable[Any]) -> List[bytes]:
+    """``encode`` of every message, all or none (``write_many``'s path).
+
+    One ``map`` over the codec's ``dumps``, not a call of ``encode`` a
+    message: a batch of 1,000 spends about a third less time here
+    (measured, issue 6, W2). Only when that fails does it go message by
+    message, for ``encode``'s error about the one that fails.
+
+    Raises:
+        EncodeError: as ``encode``, for the first message that fails.
+    """
+    msgs = msgs if isinstance(msgs, (list, tuple)) else list(msgs)
+    try:
+        bodies = list(map(codec.dumps, msgs))
+    except Exception:
+        return [encode(codec, m) for m in msgs]
+    if set(map(type, bodies)) - {bytes}:  # a codec of the user's may return others
+        return [b if type(b) is bytes else _as_bytes(b) for b in bodies]
+    return bodies
+
+
+def _as_bytes(data: Any) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise EncodeError(f"codec dumps() returned {type(data).__name__}, not bytes")
 
 
 def decode(codec: Codec, data: bytes, seq: int, path: str = "") -> Any:

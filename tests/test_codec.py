@@ -213,6 +213,35 @@ def test_custom_codec_must_return_bytes(qpath):
         assert list(q.consume(wait=False)) == [(1, b"x")]
 
 
+class OddOneOut:
+    """Returns bytes for every message but one (write_many checks them all)."""
+
+    def dumps(self, obj):
+        return str(obj) if obj == "odd" else memoryview(obj.encode())
+
+    def loads(self, data):
+        return data
+
+
+def test_write_many_checks_what_a_custom_codec_returns(qpath):
+    with StaggerQueue(qpath, codec=NotBytes()) as q:
+        with pytest.raises(EncodeError, match="str, not bytes"):
+            q.write_many(["a", "b"])
+        assert q.last_seq == 0
+    with StaggerQueue(qpath, codec=OddOneOut()) as q:
+        with pytest.raises(EncodeError, match="str, not bytes"):
+            q.write_many(["a", "odd", "c"])
+        assert q.last_seq == 0
+        assert q.write_many(iter(["a", "b"])) == [1, 2]  # memoryviews stored as bytes
+        assert list(q.consume(wait=False)) == [(1, b"a"), (2, b"b")]
+
+
+def test_write_many_names_the_type_that_cannot_be_encoded(q):
+    with pytest.raises(EncodeError, match="type object"):
+        q.write_many(["a", object(), "c"])
+    assert q.last_seq == 0
+
+
 class HalfCodec:
     def dumps(self, obj):
         return b""
