@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/run.py [--quick] [--only W1,W2] [--publish]
 
-(``tox -e bench`` runs it; ``stagger-sqlite bench --quick`` calls ``main``.)
+(``tox -e bench`` runs it. ``stagger-sqlite bench --quick`` is a separate,
+smaller check of this machine, stagger_sqlite alone: ``stagger_sqlite/bench.py``.)
 
 Every workload runs every system in the same run, in a temporary directory
 beside this file (so on the repository's filesystem), with real processes for
