@@ -30,6 +30,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -80,6 +81,26 @@ def resolve_handler(spec: Handler) -> Callable[[Any], Any]:
     if not callable(obj):
         raise HandlerError(f"handler {spec}: {attr} is not callable")
     return obj
+
+
+def _check_sendable(handler: Handler) -> None:
+    """Workers are spawned: a callable handler goes to them pickled, that
+    is by its module and name. A lambda, a nested function or a method of
+    an object that cannot be pickled would fail at ``run()``, in the middle
+    of starting the pool; refuse it here instead.
+
+    Raises:
+        HandlerError: the handler cannot be sent to a worker process.
+    """
+    if isinstance(handler, str):
+        return
+    try:
+        pickle.dumps(handler)
+    except Exception as e:
+        raise HandlerError(
+            f"handler {handler!r} cannot be sent to worker processes ({type(e).__name__}: {e}): "
+            "use a function defined at module level, or a 'module:function' string"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -294,6 +315,7 @@ class WorkerPool:
         elif rate is not None and not isinstance(rate, control.Rate):
             raise ValueError(f"`rate` must be like '100/s', '5/m', '1000/h' (or None), not {rate!r}")
         resolve_handler(handler)  # fail here, in the caller's process, not in every child
+        _check_sendable(handler)
         self.handler = handler
         self.processes = processes
         self.opts = WorkerOptions(

@@ -16,6 +16,7 @@ import pytest
 
 from stagger_sqlite import StaggerQueue, WorkerPool
 from stagger_sqlite import control
+from stagger_sqlite.workers import HandlerError
 
 from .helpers import wait_for
 
@@ -286,6 +287,20 @@ def test_worker_pool_validates_its_arguments(qpath):
         WorkerPool(qpath, "g", record, lease=0)  # every worker would die at start, forever
     with pytest.raises(ValueError, match="rate"):
         WorkerPool(qpath, "g", record, rate=5)
+
+
+def test_a_handler_that_cannot_reach_a_worker_process_is_refused_at_once(qpath):
+    """Workers are spawned, so a callable handler travels pickled: a lambda
+    or a nested function is a HandlerError at construction, not a failure
+    in the middle of run()."""
+
+    def nested(msg):
+        pass
+
+    for handler in (lambda msg: None, nested):
+        with pytest.raises(HandlerError, match="module level"):
+            WorkerPool(qpath, "g", handler)
+    WorkerPool(qpath, "g", record)  # a module-level function is fine
 
 
 def test_a_slower_rate_left_in_the_file_does_not_stall_a_faster_pool(qpath):
