@@ -9,7 +9,9 @@ each a member of one consumer group, and keeps them running:
   handed out together (``GroupConsumer.next_batch``: one write transaction
   per list);
 - ``rate`` limits hand-outs for the whole group, across every process and
-  every pool (``control.RateLimiter``, state in the queue file);
+  every pool (``control.RateLimiter``, state in the queue file); a handler
+  of one message then gets each from a claim of its own, so the limit says
+  when handlers start;
 - a paused group (``StaggerQueue.pause``) gets no hand-outs: every claim
   checks the flag;
 - a dropped group (``StaggerQueue.drop_group``) stops the pool: it is never
@@ -142,8 +144,13 @@ class Worker:
     def run(self) -> None:
         o = self.opts
         try:
+            # With a rate, a handler of one message gets each message from a
+            # claim of its own: a claim of several would hand them all out
+            # at once while the handler starts on them one after another,
+            # and the limit would no longer say when handlers start.
+            batch = 1 if o.rate and not o.batch_handler else o.batch
             c = self._passing(lambda: self.q.consume(
-                group=o.group, batch=o.batch, lease=o.lease, max_attempts=o.max_attempts, wait=POLL))
+                group=o.group, batch=batch, lease=o.lease, max_attempts=o.max_attempts, wait=POLL))
             if c is None:
                 return
             with c:

@@ -41,6 +41,11 @@ def record_slowly(msg):
     _record(msg)
 
 
+def record_then_linger(msg):
+    _record(msg)  # when the handler starts: what a rate-limited API would see
+    time.sleep(0.15)
+
+
 def record_but_13(msg):
     if msg == 13:
         raise ValueError("13 is unlucky")
@@ -125,6 +130,22 @@ def test_rate_limit_holds_for_the_whole_group_across_processes(qpath, out):
     # process made them. A lower bound: the limiter's correctness, not speed.
     assert took >= 1.95
     assert len({pid for _, pid, _ in records(out)}) <= 2
+
+
+def test_rate_limit_holds_for_when_handlers_start(qpath, out):
+    """A handler slower than the rate's spacing, in two processes: a claim
+    of several messages would hand them out at once and the handler would
+    start on them one after another, late, while the other process's claims
+    go on (12 starts in a second at 10/s, before the fix). What an API
+    behind the handler sees is the handler's starts: at most 10 a second."""
+    fill(qpath, 30)
+    r = work(qpath, "--group", "g", "--handler", "tests.test_workers:record_then_linger",
+             "--processes", "2", "--rate", "10/s", "--until-idle", "0.5")
+    assert r.returncode == 0, r.stderr
+    starts = sorted(t for _, _, t in records(out))
+    assert len(starts) == 30
+    worst = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+    assert worst <= 10, f"{worst} handler starts in one second at --rate 10/s"
 
 
 def test_rate_limiter_never_puts_more_than_n_in_a_window(qpath):
