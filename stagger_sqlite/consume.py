@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Deque, Iterator, Optional, Tuple, Union
 
 from .errors import AckOutOfRangeError, LockTimeoutError, QueueClosedError, StorageFullError
-from .validate import check_int, check_wait
+from .validate import check_bound, check_int, check_wait
 from .wakeup import Waiter
 
 #: Seconds before a consumer that could not promote due scheduled entries
@@ -52,9 +52,9 @@ class Consumer(metaclass=abc.ABCMeta):
         wait: Union[bool, float],
     ) -> None:
         check_int("ack", ack, maximum=None)  # beyond last_seq: AckOutOfRangeError
-        check_int("batch", batch, 1)
+        batch = check_bound("batch", batch, 1)
         if purge is not None:
-            check_int("purge", purge)
+            purge = check_bound("purge", purge)
         self._wait = check_wait(wait)
         self._queue = queue
         self._storage = queue._storage

@@ -76,7 +76,7 @@ import apsw
 
 from . import control, schema
 from .errors import AckOutOfRangeError, DecodeError, QueueClosedError, StaggerError
-from .validate import check_int, check_seconds, check_wait
+from .validate import check_bound, check_int, check_seconds, check_wait
 from .wakeup import Waiter
 
 if TYPE_CHECKING:  # groups is handed its queue; no import cycle at run time
@@ -370,7 +370,7 @@ def requeue(queue: "StaggerQueue", group: str, seqs: Optional[Sequence[int]] = N
     """Move dead letters (all, or those in ``seqs``) back for delivery now,
     with their attempts reset. Returns how many moved."""
     check_group(group)
-    wanted = None if seqs is None else [check_int("seqs item", s, 1) for s in seqs]
+    wanted = None if seqs is None else [check_bound("seqs item", s, 1) for s in seqs]
 
     def move(conn: apsw.Connection) -> int:
         if wanted is None:
@@ -446,12 +446,12 @@ class GroupConsumer:
     ) -> None:
         self.group = check_group(group)
         check_int("ack", ack, maximum=None)  # beyond last_seq: AckOutOfRangeError
-        self._batch = check_int("batch", batch, 1)
+        self._batch = check_bound("batch", batch, 1)
         self._lease: float = check_seconds("lease", lease, allow_none=False, positive=True)  # type: ignore[assignment]
-        self._max_attempts = check_int("max_attempts", max_attempts, 1)
+        self._max_attempts = check_bound("max_attempts", max_attempts, 1)
         self._wait = check_wait(wait)
         if purge is not None:
-            check_int("purge", purge)
+            purge = check_bound("purge", purge)
         self._queue = queue
         self._storage = queue._storage
         self._loads = queue._codec.loads
@@ -577,7 +577,7 @@ class GroupConsumer:
         Raises:
             ValueError: ``n`` is not an integer >= 1.
         """
-        want = self._batch if n is None else check_int("n", n, 1)
+        want = self._batch if n is None else check_bound("n", n, 1)
         if self._hand:
             self._finish_hand()
         out: List[Tuple[int, Any]] = []
@@ -890,7 +890,7 @@ class GroupConsumer:
             LockTimeoutError, StorageFullError, QueueClosedError: the write
                 failed (the message stays held until its lease expires).
         """
-        check_int("seq", seq, 1)
+        seq = check_bound("seq", seq, 1)
         token = self._token_of(seq)
         if token is None:
             pending = [d for d in self._done if d[1] == seq]
@@ -929,7 +929,7 @@ class GroupConsumer:
             ValueError: a bad ``seq`` or ``delay``.
             LockTimeoutError, StorageFullError, QueueClosedError: as ``ack``.
         """
-        check_int("seq", seq, 1)
+        seq = check_bound("seq", seq, 1)
         if delay is not None:
             delay = check_seconds("delay", delay)
         error = _error_arg(error)

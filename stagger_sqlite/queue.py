@@ -24,7 +24,7 @@ from .consume import Consumer
 from .errors import AckOutOfRangeError, QueueClosedError, StaggerError
 from .storage import Storage
 from .schema import last_seq
-from .validate import check_int, check_seconds
+from .validate import check_bound, check_int, check_seconds
 
 DURABILITIES = ("full", "normal")
 
@@ -562,7 +562,7 @@ class StaggerQueue:
         if self._storage._closed:
             raise self._storage.closed_error()
         if upto is not None:
-            check_int("upto", upto)
+            upto = check_bound("upto", upto)
 
         def remove(conn: apsw.Connection) -> int:
             self._promote_due_in(conn, now_anyway=True)  # a due entry is a message: purged like one

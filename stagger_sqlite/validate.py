@@ -23,6 +23,18 @@ def check_int(name: str, value: Any, minimum: int = 0, maximum: Optional[int] = 
     return value
 
 
+def check_bound(name: str, value: Any, minimum: int = 0) -> int:
+    """``check_int`` for a bound or a count (``purge``, ``batch``,
+    ``max_attempts``): any integer >= ``minimum``, one beyond SQLite's
+    largest integer taken as that integer (no message is ever past it).
+
+    Raises:
+        ValueError: ``value`` is not an integer (or is a bool), or is below
+            ``minimum``.
+    """
+    return min(check_int(name, value, minimum, maximum=None), INT_MAX)
+
+
 def _seconds(name: str, value: Any) -> float:
     try:
         return float(value)

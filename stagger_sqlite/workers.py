@@ -43,7 +43,7 @@ from . import control
 from .errors import LockTimeoutError, StorageFullError
 from .groups import create_group
 from .queue import StaggerQueue
-from .validate import check_int, check_seconds
+from .validate import check_bound, check_int, check_seconds
 
 log = logging.getLogger("stagger_sqlite.workers")
 
@@ -310,8 +310,8 @@ class WorkerPool:
         stop_timeout: float = 60.0,
     ) -> None:
         check_int("processes", processes, 1)
-        check_int("batch", batch, 1)
-        check_int("max_attempts", max_attempts, 1)
+        batch = check_bound("batch", batch, 1)
+        max_attempts = check_bound("max_attempts", max_attempts, 1)
         check_seconds("lease", lease, allow_none=False, positive=True)
         self.until_idle = check_seconds("until_idle", until_idle)
         self.stop_timeout = check_seconds("stop_timeout", stop_timeout, allow_none=False)
