@@ -168,6 +168,11 @@ class StaggerQueue:
             # SQLite follows the link and keeps -wal/-shm beside the file it
             # points to: the lock file, and the WAL we fsync, must be there too.
             self.path = os.path.realpath(self.path)
+        else:
+            # The lock file and the connection after a fork are opened later:
+            # a relative path would then name files in whatever directory the
+            # process has moved to (another lock: no exclusion at all).
+            self.path = os.path.abspath(self.path)
         self.durability = durability
         self._storage = Storage(self.path, durability=durability, timeout=timeout, mode=mode)
         self._due_check_at = 0.0  # see DUE_CHECK_INTERVAL

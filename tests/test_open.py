@@ -145,6 +145,33 @@ def test_a_symlink_to_the_queue_file_shares_its_lock_and_wal(tmp_path):
         assert [m for _, m in q.consume(wait=False)] == ["through the link"]
 
 
+def test_a_relative_path_keeps_naming_the_same_files_after_chdir(tmp_path, monkeypatch):
+    # The lock file is opened at the first write and the connection again
+    # after a fork: both must be the queue's, wherever the process moved.
+    import filelock
+
+    from stagger_sqlite import LockTimeoutError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with StaggerQueue("q.db", timeout=0.2) as q:
+        monkeypatch.chdir(tmp_path / "b")
+        with filelock.FileLock(str(tmp_path / "a" / "q.db.lock")):
+            with pytest.raises(LockTimeoutError):
+                q.write("blocked by the queue's own lock")
+        assert q.write("one") == 1
+        pid = os.fork()
+        if pid == 0:  # the child reconnects: to a/q.db, not b/q.db
+            try:
+                os._exit(0 if q.write("from the child") == 2 else 1)
+            except BaseException:
+                os._exit(2)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert [m for _, m in q.consume(wait=False)] == ["one", "from the child"]
+    assert os.listdir(tmp_path / "b") == []
+
+
 def test_an_empty_path_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="path"):
