@@ -446,8 +446,21 @@ class Storage:
             if self._leading:
                 self._waiting += 1
                 try:
+                    # Another thread of ours holds the writer lock (leads): the
+                    # timeout bounds this wait too, until a leader takes us
+                    # into its batch; from then on that batch's outcome is ours.
+                    deadline = None if self.timeout is None else job.started + self.timeout
                     while self._leading and not job.done:
-                        self._group.wait()
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            if job in self._pending:
+                                self._pending.remove(job)
+                                raise LockTimeoutError(
+                                    f"waited {self.timeout:g} s for the writer lock {self.lock_path} "
+                                    "(held by another thread of this process); nothing was written"
+                                )
+                            left = None
+                        self._group.wait(left)
                 except BaseException:  # KeyboardInterrupt while waiting
                     if job in self._pending:
                         self._pending.remove(job)  # not taken yet: withdraw it

@@ -249,3 +249,37 @@ def test_a_write_inside_a_write_is_refused_not_deadlocked(qpath):
             q._storage.write(lambda conn: q.write({"nested": True}))
         assert len(q) == 0
         assert q.write({"after": True}) == 1
+
+
+def test_the_timeout_bounds_a_write_waiting_behind_another_thread_of_the_process(qpath):
+    """SPEC section 1: a write waits at most `timeout` for the writer lock.
+    Held by another thread of the same process (leading a long write), the
+    wait is in the group-commit queue: it times out there too, nothing of
+    the late write is stored, and the long write goes on unharmed."""
+    import cbor2
+
+    from stagger_sqlite import LockTimeoutError
+
+    with StaggerQueue(qpath, timeout=0.3) as q:
+        inside, release = threading.Event(), threading.Event()
+
+        def hold(conn):  # a long transaction of another thread
+            inside.set()
+            release.wait(30)
+            return q._append(conn, [cbor2.dumps("held")])
+
+        releaser = threading.Timer(10, release.set)  # without the timeout, the late write returns then
+        releaser.start()
+        holder = threading.Thread(target=q._storage.write, args=(hold,), kwargs={"appends": True})
+        holder.start()
+        try:
+            assert inside.wait(10)
+            with pytest.raises(LockTimeoutError, match="another thread"):
+                q.write("late")
+            assert not release.is_set()  # it gave up while the lock was still held
+        finally:
+            release.set()
+            releaser.cancel()
+            holder.join(30)
+        assert [m for _, m in q.consume(wait=False)] == ["held"]
+        assert q.write("now") == 2
