@@ -14,19 +14,23 @@ consumer is exactly as it was before the wait.
 
 What does run in the loop's thread: each step of the consumer between waits
 (a page read of ``batch`` rows, or for a group the claim/ack transaction),
-which is short but is disk I/O. One exception: a group member's claim (a
-write) while some writer holds the writer lock (another process's long
-``write_many``, a tool holding the lock file) would block the loop as long,
-so that step runs in the loop's default executor. A task cancelled meanwhile
-leaves the step's outcome to the next ``__anext__``, so nothing is handed out
-that no one receives; ``close()`` then releases it unstarted.
+which is short but is disk I/O. Writes while some writer holds the writer
+lock (another process's long ``write_many``, a tool holding the lock file)
+would block the loop as long, so they run in the loop's default executor: a
+group member's claim, and the writes that come with making a consumer (the
+group's creation, a purge), which then wait for the first ``__anext__``. A
+task cancelled meanwhile leaves the step's outcome to the next
+``__anext__``, so nothing is handed out that no one receives; ``close()``
+then releases it unstarted. ``aclose`` and ``async with`` end a group
+member (its last acks, the release of what it did not start) in the
+executor too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any, Callable, Iterator, Optional, Tuple, TypeVar
+from typing import Any, Callable, Optional, Tuple, TypeVar
 
 from . import wakeup
 from .groups import GroupConsumer
@@ -50,12 +54,17 @@ class AsyncConsumer:
     (``position``, ``ack``, ``nack`` ...) are reachable through this object.
     """
 
-    def __init__(self, consumer: Iterator[Tuple[int, Any]]) -> None:
+    def __init__(self, consumer: Any) -> None:
         self._consumer = consumer
         #: A step run in the executor whose task was cancelled before it
         #: ended: its outcome is the next __anext__'s.
         self._pending: Optional["asyncio.Future[Any]"] = None
         self._closing = False  # close() left the end to the pending step
+        # The consumer's own writes (``_begin``): now, unless a writer holds
+        # the lock; then in the executor, as the first step.
+        self._begun = not consumer._storage.writer_busy()
+        if self._begun:
+            consumer._begin()
 
     def __aiter__(self) -> "AsyncConsumer":
         return self
@@ -65,7 +74,7 @@ class AsyncConsumer:
             raise StopAsyncIteration
         while True:
             try:
-                if self._pending is not None or self._would_wait_for_writer():
+                if self._pending is not None or not self._begun or self._would_wait_for_writer():
                     item = await self._step_in_thread()
                 else:
                     item = self._step()
@@ -80,6 +89,9 @@ class AsyncConsumer:
     def _step(self) -> Any:
         """One step of the consumer (in whatever thread runs it): an item,
         or _STOP (a StopIteration cannot cross a Future)."""
+        if not self._begun:
+            self._consumer._begin()
+            self._begun = True
         try:
             with wakeup.nonblocking():
                 return next(self._consumer)
@@ -153,15 +165,16 @@ class AsyncConsumer:
             if self._closing:
                 return  # close() already left the end to the claim's callback
             self._pending = None
-            self._end(fut, exc)
+            await run_blocking(self._end, fut, exc)
             return
         # The consumer's own __exit__ when it has one (a group consumer
-        # treats an exception leaving the block differently from a clean end).
+        # treats an exception leaving the block differently from a clean end;
+        # its writes go to the executor, as a claim's do).
         exit_ = getattr(self._consumer, "__exit__", None)
         if exit_ is not None:
-            exit_(*exc)
+            await run_blocking(exit_, *exc)
         else:
-            self._consumer.close()  # type: ignore[attr-defined]
+            self._consumer.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._consumer, name)

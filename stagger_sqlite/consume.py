@@ -70,9 +70,14 @@ class Consumer(metaclass=abc.ABCMeta):
                 f"ack={ack} is beyond the last seqno ever written to {queue.path} ({last}): "
                 "that message was never written"
             )
-        if purge is not None:
-            queue.purge(min(purge, ack))
+        self._purge = None if purge is None else min(purge, ack)
         self._waiter = Waiter(queue._storage)
+
+    def _begin(self) -> None:
+        """The write that comes with making the consumer, the purge (run by
+        ``consume`` at once, by ``aconsume`` where it cannot block the loop)."""
+        if self._purge is not None:
+            self._queue.purge(self._purge)
 
     def __iter__(self) -> Iterator[Tuple[int, Any]]:
         return self

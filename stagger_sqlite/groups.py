@@ -477,12 +477,22 @@ class GroupConsumer:
         self._entered = False
         # Before the first claim (the Waiter protocol): no ring is missed.
         self._waiter = Waiter(self._storage)
-        create_group(queue, self.group, ack)
-        if purge is not None:
-            queue.purge(purge)
+        self._ack, self._purge = ack, purge
         self._real_path = os.path.realpath(queue.path)
         with _MEMBERS_LOCK:
             _MEMBERS.add(self)
+
+    def _begin(self) -> None:
+        """The writes that come with making the member: the group's creation
+        (unless it exists) and the purge (run by ``consume`` at once, by
+        ``aconsume`` where they cannot block the loop).
+
+        Raises:
+            AckOutOfRangeError: a new group's ``ack`` is beyond ``last_seq``.
+        """
+        create_group(self._queue, self.group, self._ack)
+        if self._purge is not None:
+            self._queue.purge(self._purge)
 
     @property
     def dropped(self) -> bool:

@@ -403,6 +403,16 @@ class StaggerQueue:
                 too, even for an existing group whose ``ack`` is ignored).
             QueueClosedError: the queue was closed.
         """
+        consumer = self._consumer(ack, batch, purge, wait, group, lease, max_attempts)
+        consumer._begin()
+        return consumer
+
+    def _consumer(
+        self, ack: int, batch: int, purge: Optional[int], wait: Union[bool, float],
+        group: Optional[str], lease: float, max_attempts: int,
+    ) -> Union[Consumer, "groups_.GroupConsumer"]:
+        """The consumer ``consume`` returns, its arguments checked (reads
+        only), before ``_begin`` makes its writes."""
         if self._storage._closed:
             raise self._storage.closed_error()
         if group is not None:
@@ -519,11 +529,7 @@ class StaggerQueue:
         Raises:
             ValueError, AckOutOfRangeError, QueueClosedError: as ``consume``.
         """
-        return aio.AsyncConsumer(
-            self.consume(
-                ack, batch=batch, purge=purge, wait=wait, group=group, lease=lease, max_attempts=max_attempts
-            )
-        )
+        return aio.AsyncConsumer(self._consumer(ack, batch, purge, wait, group, lease, max_attempts))
 
     def read_page(self, after: int, limit: int) -> List[tuple]:
         """Stored ``(seq, body)`` rows with ``seq > after``, ascending, at most

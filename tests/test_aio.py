@@ -303,3 +303,46 @@ def test_aconsume_with_the_poll_fallback(qpath):
     out, err = p.communicate(timeout=DEADLINE)
     assert p.returncode == 0, err
     assert out.strip() == "['a', 'b', 'c']"
+
+
+def test_making_and_ending_async_consumers_behind_a_held_writer_lock_does_not_block_the_loop(qpath):
+    """A consumer's own writes (a new group's creation, a purge, a member's
+    last acks at aclose) wait for the writer lock in a thread: the loop's
+    other tasks run on meanwhile, and each write happens once it is free."""
+    import filelock
+
+    async def ticks_while(pending):
+        """Let the loop tick 20 times while ``pending`` is not done."""
+        ticks = 0
+        while ticks < 20:
+            await asyncio.sleep(0.001)
+            ticks += 1
+        assert not pending.done()
+
+    async def main():
+        with StaggerQueue(qpath, timeout=DEADLINE) as q:
+            q.write_many(["a", "b"])
+            holder = filelock.FileLock(qpath + ".lock")
+            with holder:
+                member = q.aconsume(group="new", batch=1)  # the group's creation waits
+                first = asyncio.create_task(member.__anext__())
+                await ticks_while(first)
+                assert "new" not in q.groups()  # not made yet
+            got = [await asyncio.wait_for(first, DEADLINE)]
+            with holder:
+                end = asyncio.create_task(member.aclose())  # finishing (1, "a") is a write
+                await ticks_while(end)
+            await asyncio.wait_for(end, DEADLINE)
+            with holder:
+                plain = q.aconsume(ack=1, purge=1, wait=False)  # the purge waits
+                second = asyncio.create_task(plain.__anext__())
+                await ticks_while(second)
+                assert len(q) == 2  # nothing purged yet
+            got.append(await asyncio.wait_for(second, DEADLINE))
+            await plain.aclose()
+            return got, q.groups()["new"], len(q)
+
+    got, info, stored = asyncio.run(main())
+    assert got == [(1, "a"), (2, "b")]
+    assert (info.acked, info.in_flight) == (1, 0)
+    assert stored == 1  # the purge ran once the lock was free
