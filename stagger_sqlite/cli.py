@@ -13,6 +13,7 @@ import datetime
 import decimal
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -55,7 +56,37 @@ def to_json(value: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, default=to_json, ensure_ascii=False, separators=(",", ":"))
+    """One line of strict JSON for any message, ``to_json`` for the types
+    JSON lacks; a message JSON cannot hold as it is (a map with keys other
+    than strings and numbers, a NaN or an infinity) goes through
+    ``_jsonable`` instead."""
+    try:
+        return json.dumps(value, default=to_json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(value), default=to_json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+_JSON_KEYS = (str, int, bool, type(None))
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with what strict JSON cannot hold spelled out: a map whose
+    keys are not all strings or integers as ``{"$map": [[key, value], ...]}``,
+    a NaN or an infinity as ``{"$float": "nan" | "inf" | "-inf"}``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"$float": repr(value)}
+    if isinstance(value, dict):
+        if all(isinstance(k, _JSON_KEYS) for k in value):
+            return {k: _jsonable(v) for k, v in value.items()}
+        return {"$map": [[_jsonable(k), _jsonable(v)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return [_jsonable(v) for v in sorted(value, key=repr)]
+    tag = getattr(value, "tag", None)
+    if tag is not None and hasattr(value, "value"):
+        return {"$tag": tag, "value": _jsonable(value.value)}
+    return value
 
 
 def emit(line: str) -> None:
@@ -79,6 +110,8 @@ def parse_json(text: str, where: str) -> Any:
         return json.loads(text)
     except ValueError as e:
         raise UserError(f"{where}: bad JSON ({e}): {text[:60]!r}") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read: {text[:60]!r}") from None
 
 
 # -- commands -----------------------------------------------------------------
@@ -323,8 +356,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, not {text!r}")
     return value
 
 

@@ -27,6 +27,11 @@ class Codec(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
+#: The nesting ``CborCodec.loads_again`` accepts: more than ``dumps`` can
+#: write (its C encoder, without a recursion guard, runs out of stack first).
+DEEPEST = 1 << 20
+
+
 class CborCodec:
     """CBOR (RFC 8949) through cbor2; the default.
 
@@ -41,6 +46,14 @@ class CborCodec:
     # cbor2's own functions, not wrappers: they run once per message.
     dumps = staticmethod(cbor2.dumps)
     loads = staticmethod(cbor2.loads)
+
+    @staticmethod
+    def loads_again(data: bytes) -> Any:
+        """``loads`` without cbor2's limit of 400 nested containers (a guard
+        against hostile input that ``dumps`` does not share): a message
+        written however deep reads back. Only tried once ``loads`` failed,
+        so the limit costs nothing on the way of every message."""
+        return cbor2.loads(data, max_depth=DEEPEST)
 
 
 class JsonCodec:
@@ -141,5 +154,11 @@ def decode(codec: Codec, data: bytes, seq: int, path: str = "") -> Any:
     try:
         return codec.loads(data)
     except Exception as e:
+        again = getattr(codec, "loads_again", None)
+        if again is not None:
+            try:
+                return again(data)
+            except Exception:
+                pass
         where = f" in {path}" if path else ""
         raise DecodeError(f"cannot decode message seq={seq}{where}: {type(e).__name__}: {e}", seq=seq) from e

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import http.client
+import io
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -49,11 +51,17 @@ def decode_body(content_type: str, body: bytes) -> Any:
             return json.loads(body)
         except ValueError as e:
             raise ValueError(f"bad JSON body: {e}") from None
+        except RecursionError:
+            raise ValueError("bad JSON body: nested too deeply") from None
     if kind == "application/cbor":
+        fp = io.BytesIO(body)
         try:
-            return cbor2.loads(body)
+            value = cbor2.CBORDecoder(fp).decode()
         except Exception as e:
             raise ValueError(f"bad CBOR body: {e}") from None
+        if fp.tell() != len(body):  # one data item, as JSON's "Extra data" is refused
+            raise ValueError(f"bad CBOR body: {len(body) - fp.tell()} bytes after the first data item")
+        return value
     return body
 
 
@@ -236,7 +244,8 @@ class Destination:
             raise ValueError(f"bad URL {url!r}: the port must be a number from 0 to 65535") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"bad URL {url!r}: use http://host[:port]/path or https://...")
-        check_seconds("timeout", timeout, allow_none=False, positive=True)
+        if not check_seconds("timeout", timeout, allow_none=False, positive=True) < math.inf:  # type: ignore[operator]
+            raise ValueError("`timeout` must be a finite number of seconds, not inf")
         self.url = url
         self._scheme, self._netloc = parts.scheme, parts.netloc
         self._target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))

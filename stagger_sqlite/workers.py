@@ -201,7 +201,12 @@ class Worker:
         started = time.monotonic()
         try:
             self.handler(arg)
-        except Exception as e:
+        except BaseException as e:
+            # SystemExit and KeyboardInterrupt too: in a worker process the
+            # signals only set a flag, so these come from the handler itself.
+            # Let through, they would end the worker with the message
+            # released unstarted, uncounted: restarted, it would take the
+            # same message again, forever.
             error = f"{type(e).__name__}: {e}"
             c.nack_all(error=error)
             log.warning(
@@ -258,8 +263,34 @@ def _stop_when_orphaned(worker: "Worker", parent: int) -> None:
 
 def group_idle(q: Any, group: str) -> bool:
     """True when ``group`` has nothing claimable, in flight or retrying."""
-    info = q.groups().get(group)
+    return _idle(q.groups().get(group))
+
+
+def _idle(info: Any) -> bool:
     return info is not None and info.lag == 0 and info.in_flight == 0 and info.retrying == 0
+
+
+class IdleClock:
+    """How long a group has been idle (``until_idle``), from looks taken
+    now and then: a look that finds the group idle counts only if nothing
+    moved since the last one (no message written, handed out, finished or
+    dead-lettered), so a message written and handled between two looks
+    is not missed."""
+
+    def __init__(self) -> None:
+        self._since: Optional[float] = None
+        self._last: Optional[tuple] = None
+
+    def idle_for(self, info: Any) -> float:
+        """Seconds the group has been idle as of this look (0: busy)."""
+        now = time.monotonic()
+        mark = None if info is None else (info.acked, info.lag, info.dead, info.delivered)
+        moved, self._last = mark != self._last, mark
+        if moved or not _idle(info):
+            self._since = None
+            return 0.0
+        self._since = self._since or now
+        return now - self._since
 
 
 class WorkerPool:
@@ -372,7 +403,7 @@ class WorkerPool:
                 procs.append(self._spawn(i))
                 started.append(time.monotonic())
             log.info("%s: %d worker(s) started on %s", self.opts.group, self.processes, self.opts.path)
-            idle_since: Optional[float] = None
+            idle = IdleClock()
             while not self._stop.wait(0.1):
                 for i, p in enumerate(procs):
                     if p.is_alive() or self._stop.is_set():
@@ -392,13 +423,9 @@ class WorkerPool:
                     started[i] = time.monotonic()
                     self.restarts += 1
                 if self.until_idle is not None and not self._stop.is_set():
-                    if group_idle(q, self.opts.group):
-                        idle_since = idle_since or time.monotonic()
-                        if time.monotonic() - idle_since >= self.until_idle:
-                            log.info("%s: idle for %.1f s, stopping", self.opts.group, self.until_idle)
-                            break
-                    else:
-                        idle_since = None
+                    if idle.idle_for(q.groups().get(self.opts.group)) >= self.until_idle:
+                        log.info("%s: idle for %.1f s, stopping", self.opts.group, self.until_idle)
+                        break
         finally:
             self._shutdown(procs)
             q.close()

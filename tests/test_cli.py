@@ -85,6 +85,26 @@ def test_read_renders_non_json_values(qpath):
     ]
 
 
+def test_read_prints_strict_json_for_any_message(qpath):
+    # Maps with keys JSON cannot hold, NaN and infinities: spelled out, so
+    # every line parses with a strict JSON parser.
+    with StaggerQueue(qpath) as q:
+        q.write_many([{b"k": 1}, {(1, 2): "x"}, float("nan"), [float("inf"), {"a": float("-inf")}], {1: "one"}])
+    r = run("read", qpath)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+    assert [strict(line)["msg"] for line in r.stdout.splitlines()] == [
+        {"$map": [[{"$bytes": "aw=="}, 1]]},
+        {"$map": [[[1, 2], "x"]]},
+        {"$float": "nan"},
+        [{"$float": "inf"}, {"a": {"$float": "-inf"}}],
+        {"1": "one"},
+    ]
+
+
 def test_raw_and_json_codecs(qpath):
     assert run("write", qpath, "--codec", "raw", "-q", "plain text").returncode == 0
     assert lines(run("read", qpath, "--codec", "raw").stdout) == [{"seq": 1, "msg": {"$bytes": "cGxhaW4gdGV4dA=="}}]
@@ -172,6 +192,8 @@ def test_check_passes_a_good_file_and_fails_a_damaged_one(qpath):
     (["read", "{dir}/missing.db"], None, "no such queue file"),
     (["write", "{q}", "{{bad"], None, "bad JSON"),
     (["write", "{q}"], '1\n{{bad\n', "stdin line 2"),
+    (["write", "{q}", "[" * 5000 + "]" * 5000], None, "nested too deeply"),
+    (["forward", "{q}", "--url", "http://127.0.0.1:9/", "--timeout", "inf"], None, "finite"),
     (["work", "{q}", "--group", "g", "--handler", "no_such_module_xyz:run"], None, "cannot import"),
     (["work", "{q}", "--group", "g", "--handler", "not-a-handler"], None, "module:function"),
     (["work", "{q}", "--group", "g", "--handler", "os:path", "--rate", "10/fortnight"], None, "bad rate"),

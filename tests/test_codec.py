@@ -79,6 +79,19 @@ def test_cbor_unencodable_values_are_encode_errors(q, value):
     assert q.last_seq == 0
 
 
+def test_a_message_nested_deeper_than_cbor2_reads_by_default_reads_back(q):
+    """cbor2 writes containers nested any depth its stack allows but reads
+    only 400 by default: every message written must read back."""
+    deep = inner = []
+    for _ in range(600):
+        inner.append([])
+        inner = inner[0]
+    q.write_many([deep, "after"])
+    assert [m for _, m in q.consume(wait=False)] == [deep, "after"]
+    with q.consume(group="g", wait=False) as c:
+        assert [m for _, m in c] == [deep, "after"]
+
+
 def test_a_failing_write_many_writes_none_of_its_batch(q):
     q.write("before")
     with pytest.raises(EncodeError):

@@ -70,12 +70,22 @@ def test_serve_refuses_bad_requests_with_clear_4xx(served, qpath):
     assert status == 400 and "JSON" in body["error"]
     status, _, body = post(served, b"\xff\x00", "application/cbor")
     assert status == 400 and "CBOR" in body["error"]
+    status, _, body = post(served, b"\x01\x01", "application/cbor")  # one item, then a stray byte
+    assert status == 400 and "after the first data item" in body["error"]
     status, _, body = post(served, b"x" * 1001, "application/octet-stream")
     assert status == 413 and "limit" in body["error"]
     status, headers, _ = post(served, None, method="GET")
     assert status == 405 and headers["Allow"] == "POST"
     with StaggerQueue(qpath) as q:
         assert q.last_seq == 0  # nothing of a refused request was written
+
+
+def test_a_body_nested_too_deeply_is_a_bad_body():
+    # (a unit test: the fixture's server takes bodies of 1,000 bytes at most)
+    from stagger_sqlite.http import decode_body
+
+    with pytest.raises(ValueError, match="bad JSON body: nested too deeply"):
+        decode_body("application/json", b"[" * 100_000 + b"]" * 100_000)
 
 
 def test_serve_port_in_use_is_one_line(qpath):

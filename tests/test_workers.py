@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -49,6 +50,12 @@ def record_then_linger(msg):
 def record_but_13(msg):
     if msg == 13:
         raise ValueError("13 is unlucky")
+    _record(msg)
+
+
+def record_but_exit_on_13(msg):
+    if msg == 13:
+        raise SystemExit(13)  # a handler that quits: the message's failure, not a stop
     _record(msg)
 
 
@@ -116,6 +123,36 @@ def test_two_processes_finish_500_and_dead_letter_the_failing_one(qpath, out):
     assert [(d.seq, d.msg, d.attempts) for d in dead] == [(13, 13, 2)]
     assert "13 is unlucky" in dead[0].error
     assert (info.acked, info.in_flight, info.retrying, info.dead) == (500, 0, 0, 1)
+
+
+def test_a_handler_raising_system_exit_is_a_failure_that_dead_letters(qpath, out):
+    fill(qpath, 20)
+    r = work(qpath, "--group", "g", "--handler", "tests.test_workers:record_but_exit_on_13",
+             "--processes", "2", "--max-attempts", "2", "--until-idle", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert sorted(int(m) for m, _, _ in records(out)) == [n for n in range(1, 21) if n != 13]
+    with StaggerQueue(qpath) as q:
+        (dead,) = q.dead_letters("g")
+        assert (dead.seq, dead.attempts) == (13, 2) and "SystemExit" in dead.error
+
+
+def test_until_idle_counts_messages_handled_between_its_looks(qpath, out):
+    """A message written and handled between two of the pool's looks at the
+    group still resets the idle clock: a steady trickle keeps the pool on."""
+    fill(qpath, 1)
+    pool = WorkerPool(qpath, "g", record, processes=1, until_idle=1.0)
+    runner = threading.Thread(target=pool.run)
+    runner.start()
+    try:
+        with StaggerQueue(qpath) as q:
+            for n in range(2, 12):  # one every 0.3 s: never 1 s without work
+                time.sleep(0.3)
+                q.write(n)
+        runner.join(60)
+    finally:
+        pool.stop()
+        runner.join(60)
+    assert sorted(int(m) for m, _, _ in records(out)) == list(range(1, 12))
 
 
 def test_rate_limit_holds_for_the_whole_group_across_processes(qpath, out):
