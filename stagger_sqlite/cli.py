@@ -189,7 +189,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     wait: Any = True if args.follow else False
     count = 0
     with open_queue(args.path, args.codec) as q:
-        if args.group:
+        if args.group is not None:
             c = q.consume(group=args.group, ack=args.ack, batch=args.batch, wait=wait)
         else:
             c = q.consume(ack=args.ack, batch=args.batch, wait=wait)
@@ -197,12 +197,12 @@ def cmd_read(args: argparse.Namespace) -> int:
             for seq, msg in c:
                 try:
                     emit(dumps({"seq": seq, "msg": msg}))
-                    if args.follow or args.group:
+                    if args.follow or args.group is not None:
                         # With a group, the next message acks this one: it
                         # must have left this process first (at-least-once).
                         sys.stdout.flush()
                 except BrokenPipeError:
-                    if args.group:
+                    if args.group is not None:
                         c.nack(seq, delay=0)  # not delivered: another member gets it
                     raise
                 count += 1

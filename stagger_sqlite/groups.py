@@ -523,8 +523,11 @@ class GroupConsumer:
             if not self._entered and not self._closed:
                 try:
                     self._end(keep_in_hand=True)
-                except StaggerError:
-                    pass  # the lease covers it
+                except Exception:
+                    # The lease covers it. Any error: a generator can be
+                    # finalized by the GC in a thread that is inside a call
+                    # of the same connection (apsw: ThreadingViolationError).
+                    pass
             raise
 
     def __next__(self) -> Tuple[int, Any]:

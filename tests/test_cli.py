@@ -198,6 +198,7 @@ def test_check_passes_a_good_file_and_fails_a_damaged_one(qpath):
     (["work", "{q}", "--group", "g", "--handler", "not-a-handler"], None, "module:function"),
     (["work", "{q}", "--group", "g", "--handler", "os:path", "--rate", "10/fortnight"], None, "bad rate"),
     (["read", "{q}", "--ack", "99"], None, "never written"),
+    (["read", "{q}", "--group", ""], None, "non-empty"),
     (["info", "{notq}"], None, "not a SQLite file"),
     (["serve", "{q}", "--bind", "nonsense"], None, "HOST:PORT"),
     (["nosuchcommand"], None, "invalid choice"),
