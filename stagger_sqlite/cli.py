@@ -58,7 +58,7 @@ def to_json(value: Any) -> Any:
 def dumps(value: Any) -> str:
     """One line of strict JSON for any message, ``to_json`` for the types
     JSON lacks; a message JSON cannot hold as it is (a map with keys other
-    than strings and numbers, a NaN or an infinity) goes through
+    than strings and integers, a NaN or an infinity) goes through
     ``_jsonable`` instead."""
     try:
         return json.dumps(value, default=to_json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
