@@ -72,21 +72,19 @@ _JSON_KEYS = (str, int, bool, type(None))
 def _jsonable(value: Any) -> Any:
     """``value`` with what strict JSON cannot hold spelled out: a map whose
     keys are not all strings or integers as ``{"$map": [[key, value], ...]}``,
-    a NaN or an infinity as ``{"$float": "nan" | "inf" | "-inf"}``."""
+    a NaN or an infinity as ``{"$float": "nan" | "inf" | "-inf"}``; other
+    types JSON lacks through ``to_json``, whose results are spelled out too."""
     if isinstance(value, float) and not math.isfinite(value):
         return {"$float": repr(value)}
+    if isinstance(value, (str, int, float, type(None))):
+        return value
     if isinstance(value, dict):
         if all(isinstance(k, _JSON_KEYS) for k in value):
             return {k: _jsonable(v) for k, v in value.items()}
         return {"$map": [[_jsonable(k), _jsonable(v)] for k, v in value.items()]}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return [_jsonable(v) for v in sorted(value, key=repr)]
-    tag = getattr(value, "tag", None)
-    if tag is not None and hasattr(value, "value"):
-        return {"$tag": tag, "value": _jsonable(value.value)}
-    return value
+    return _jsonable(to_json(value))
 
 
 def emit(line: str) -> None:
